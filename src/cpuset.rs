@@ -341,7 +341,10 @@ mod tests {
     #[test]
     fn kernel_corner_cases() {
         assert_eq!(list("0-31:1/4", 32).unwrap(), "0,4,8,12,16,20,24,28");
-        assert_eq!(list("  ,,  0-31:3/4  ,, 32-63:4/4  ,,  ", 64).unwrap().len(), 42);
+        assert_eq!(
+            list("  ,,  0-31:3/4  ,, 32-63:4/4  ,,  ", 64).unwrap(),
+            "0-2,4-6,8-10,12-14,16-18,20-22,24-26,28-30,32-63"
+        );
         assert_eq!(list("N-N", 32).unwrap(), "31");
         assert_eq!(list("ALL:1/2", 8).unwrap(), "0,2,4,6");
         assert!(matches!(list("8-8", 8), Err(CpuListError::Range { .. })));
