@@ -309,6 +309,20 @@ impl fmt::Debug for CpuSet {
     }
 }
 
+/// Serialized as its cpulist text, so the journal reads like sysfs.
+impl serde::Serialize for CpuSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CpuSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,7 +333,9 @@ mod tests {
 
     #[test]
     fn prints_like_sysfs() {
-        let set: CpuSet = [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17, 20].into_iter().collect();
+        let set: CpuSet = [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17, 20]
+            .into_iter()
+            .collect();
         assert_eq!(set.to_string(), "0-5,12-17,20");
         assert_eq!(CpuSet::new().to_string(), "");
     }
