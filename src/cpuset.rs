@@ -319,7 +319,9 @@ mod tests {
 
     #[test]
     fn prints_like_sysfs() {
-        let set: CpuSet = [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17, 20].into_iter().collect();
+        let set: CpuSet = [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17, 20]
+            .into_iter()
+            .collect();
         assert_eq!(set.to_string(), "0-5,12-17,20");
         assert_eq!(CpuSet::new().to_string(), "");
     }
