@@ -346,9 +346,18 @@ mod tests {
 
     const GREETING: &str = "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\n";
 
+    /// Removes a fake server's directory when the test ends.
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A fake QEMU: sends `greeting`, then answers each request line with the next scripted
     /// reply (several lines each).
-    fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> PathBuf {
+    fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> (PathBuf, TempDir) {
         let dir = std::env::temp_dir().join(format!("pvetune-qmp-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -369,12 +378,12 @@ mod tests {
             // Hold the connection open until the client leaves.
             let _ = reader.read_to_end(&mut Vec::new());
         });
-        path
+        (path, TempDir(dir))
     }
 
     #[test]
     fn events_are_skipped_and_errors_mapped() {
-        let path = fake(
+        let (path, _dir) = fake(
             "events",
             GREETING,
             vec![
@@ -407,7 +416,7 @@ mod tests {
 
     #[test]
     fn silent_server_is_busy_within_the_budget() {
-        let path = fake("busy", "", vec![]);
+        let (path, _dir) = fake("busy", "", vec![]);
         let start = Instant::now();
         let err = Qmp::connect_with(&path, Duration::from_millis(300), IO_TIMEOUT).err();
         assert!(matches!(err, Some(QmpError::Busy { .. })), "{err:?}");
@@ -428,24 +437,24 @@ mod tests {
         let events: &'static str = "{\"event\": \"X\"}\n"
             .repeat(MAX_LINES_PER_REPLY + 1)
             .leak();
-        let path = fake("flood", GREETING, vec!["{\"return\": {}}\n", events]);
+        let (path, _dir) = fake("flood", GREETING, vec!["{\"return\": {}}\n", events]);
         let mut qmp = Qmp::connect(&path).unwrap();
         let err = qmp.query_cpus_fast().unwrap_err();
         assert!(matches!(err, QmpError::Protocol { .. }), "{err:?}");
 
-        let path = fake("garbage", GREETING, vec!["{\"return\": {}}\n", "[1, 2]\n"]);
+        let (path, _dir) = fake("garbage", GREETING, vec!["{\"return\": {}}\n", "[1, 2]\n"]);
         let mut qmp = Qmp::connect(&path).unwrap();
         let err = qmp.query_cpus_fast().unwrap_err();
         assert!(err.to_string().contains("not a JSON object"), "{err}");
 
-        let path = fake("notqmp", "{\"hello\": 1}\n", vec![]);
+        let (path, _dir) = fake("notqmp", "{\"hello\": 1}\n", vec![]);
         let err = Qmp::connect(&path).err().unwrap();
         assert!(err.to_string().contains("QMP socket?"), "{err}");
     }
 
     #[test]
     fn cpu_props_are_optional() {
-        let path = fake(
+        let (path, _dir) = fake(
             "cpus",
             GREETING,
             vec![

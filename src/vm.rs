@@ -328,11 +328,27 @@ fn chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    fn fake_root(name: &str) -> PathBuf {
+    /// A temp root, removed when the test ends.
+    struct FakeRoot(PathBuf);
+
+    impl std::ops::Deref for FakeRoot {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for FakeRoot {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn fake_root(name: &str) -> FakeRoot {
         let root = std::env::temp_dir().join(format!("pvetune-vm-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join(RUN_DIR)).unwrap();
-        root
+        FakeRoot(root)
     }
 
     fn fake_task(root: &Path, pid: i32, tid: i32, comm: &str) {
