@@ -162,11 +162,16 @@ pub fn discover(root: &Path, vmid: u32) -> Result<Option<RunningVm>, VmError> {
                  names in /proc/{pid}/task instead, without their socket/core/thread position; \
                  iothreads cannot be recognised by name, so they are treated as emulator threads"
             );
-            (
-                vcpus_from_names(root, pid, &tasks),
-                Vec::new(),
-                ThreadSource::Proc,
-            )
+            let vcpus = vcpus_from_names(root, pid, &tasks);
+            if vcpus.is_empty() {
+                // Before QEMU 11, threads are named only with `-name ...,debug-threads=on`,
+                // which newer qemu-server releases no longer pass.
+                log::warn!(
+                    "VM {vmid}: no thread of pid {pid} is named 'CPU <n>/KVM': QEMU runs without \
+                     thread names, so its vCPUs cannot be found without QMP"
+                );
+            }
+            (vcpus, Vec::new(), ThreadSource::Proc)
         }
     };
 

@@ -29,6 +29,11 @@ impl Qemu {
     /// Starts QEMU for `vmid` in a fresh root named after the test, or `None` when the lab
     /// is explicitly skipped.
     fn start(test: &str, vmid: u32) -> Option<Qemu> {
+        Qemu::start_named(test, vmid, "test,debug-threads=on")
+    }
+
+    /// As [`Qemu::start`], with the given `-name` argument.
+    fn start_named(test: &str, vmid: u32, name: &str) -> Option<Qemu> {
         if Command::new(QEMU).arg("--version").output().is_err() {
             if std::env::var("PVETUNE_LAB").as_deref() == Ok("skip") {
                 println!("skipped: {QEMU} is missing and PVETUNE_LAB=skip");
@@ -63,7 +68,7 @@ impl Qemu {
             .arg(&pidfile)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(["-name", "test,debug-threads=on"])
+            .args(["-name", name])
             .output()
             .unwrap();
         assert!(
@@ -263,4 +268,27 @@ fn qmp_errors_and_busy_state_are_reported() {
             .len(),
         1
     );
+}
+
+#[test]
+fn without_thread_names_only_qmp_finds_vcpus() {
+    // qemu-server 9.2 no longer passes `debug-threads=on`; before QEMU 11 every thread then
+    // keeps the process name.
+    let Some(qemu) = Qemu::start_named("noname", 9104, "test") else {
+        return;
+    };
+    let vm = vm::discover(&qemu.root, qemu.vmid).unwrap().unwrap();
+    assert_eq!(
+        (vm.source, vm.vcpus.len(), vm.iothreads.len()),
+        (ThreadSource::Qmp, 4, 1)
+    );
+    let names: Vec<String> = vm.vcpus.iter().map(|v| qemu.comm(v.tid)).collect();
+    println!("vCPU thread names without debug-threads: {names:?}");
+
+    let _holder = hold(&vm::qmp_path(&qemu.root, qemu.vmid));
+    let blind = vm::discover(&qemu.root, qemu.vmid).unwrap().unwrap();
+    assert_eq!(blind.source, ThreadSource::Proc);
+    if names.iter().all(|n| !n.starts_with("CPU ")) {
+        assert!(blind.vcpus.is_empty(), "{:?}", blind.vcpus);
+    }
 }
