@@ -462,3 +462,43 @@ fn backup_start_gets_no_isolation() {
     let _vm = start(&root.path, 100);
     assert_eq!(read(&root.path, STAT), "1\n");
 }
+
+#[test]
+fn a_vm_between_pre_start_and_post_start_is_not_reconciled_away() {
+    use nix::fcntl::{Flock, FlockArg};
+    let root = host_copy("ryzen-5900x");
+    let out = pvetune(&root.path, &["100", "pre-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // qemu-server holds VM 100's config lock for the whole start.
+    write(&root.path, "/var/lock/qemu-server/lock-100.conf", "");
+    let file = std::fs::File::open(root.path.join("var/lock/qemu-server/lock-100.conf")).unwrap();
+    let lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    write(&root.path, "/etc/pve/pvetune/102.yaml", "cpus: 10-13\n");
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/102.conf",
+        "cores: 2\nmemory: 512\n",
+    );
+    let out = pvetune(&root.path, &["102", "pre-start"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "VM 100 is starting and owns 10-11"
+    );
+    assert!(
+        stderr(&out).contains("already owned by running VM 100"),
+        "{}",
+        stderr(&out)
+    );
+    // Once the start is over without a QEMU (the start failed), the next hook cleans up.
+    drop(lock);
+    let out = pvetune(&root.path, &["102", "pre-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("VM 100 no longer runs"),
+        "{}",
+        stderr(&out)
+    );
+}
