@@ -149,52 +149,39 @@ fn cpu_not_on_host_is_refused_with_its_line_and_nothing_changes() {
 fn bad_input_is_refused_before_anything_changes() {
     let root = host_copy("ryzen-5900x");
     let before = snapshot(&root.path);
-    write(
-        &root.path,
-        "/etc/pve/pvetune/100.yaml",
-        "cpus: 6-11,18-23\ngovernor: performance\npinning: yes\n",
-    );
-    let out = pvetune(&root.path, &["100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("100.yaml:3:1: unknown field `pinning`"),
-        "{}",
-        stderr(&out)
-    );
-
-    write(
-        &root.path,
-        "/etc/pve/pvetune/100.yaml",
-        "cpus: 6-11,18-23\ngovernor: turbo\n",
-    );
-    let out = pvetune(&root.path, &["100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("100.yaml:2:11: governor: 'turbo' is not available on CPU 6"),
-        "{}",
-        stderr(&out)
-    );
-
-    write(
-        &root.path,
-        "/etc/pve/pvetune/100.yaml",
-        "cpus: 6-11,18-23\nsysctl:\n  vm.no_such_knob: 1\n",
-    );
-    let out = pvetune(&root.path, &["100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("no such sysctl"), "{}", stderr(&out));
-
-    let out = pvetune(&root.path, &["100", "started"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("unknown phase 'started'"),
-        "{}",
-        stderr(&out)
-    );
-
-    let out = pvetune(&root.path, &["../100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("invalid VMID"), "{}", stderr(&out));
+    let cases: [(&str, &[&str], &str); 5] = [
+        (
+            "cpus: 6-11,18-23\ngovernor: performance\npinning: yes\n",
+            &["100", "pre-start"],
+            "100.yaml:3:1: unknown field `pinning`",
+        ),
+        (
+            "cpus: 6-11,18-23\ngovernor: turbo\n",
+            &["100", "pre-start"],
+            "100.yaml:2:11: governor: 'turbo' is not available on CPU 6",
+        ),
+        (
+            "cpus: 6-11,18-23\nsysctl:\n  vm.no_such_knob: 1\n",
+            &["100", "pre-start"],
+            "no such sysctl",
+        ),
+        (
+            "cpus: 6-11,18-23\n",
+            &["100", "started"],
+            "unknown phase 'started'",
+        ),
+        (
+            "cpus: 6-11,18-23\n",
+            &["../100", "pre-start"],
+            "invalid VMID",
+        ),
+    ];
+    for (profile, args, expected) in cases {
+        write(&root.path, "/etc/pve/pvetune/100.yaml", profile);
+        let out = pvetune(&root.path, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(expected), "{}", stderr(&out));
+    }
 
     // The profile file of the tests above was rewritten; the rest of the host is untouched.
     let mut after = snapshot(&root.path);
