@@ -124,7 +124,7 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
             };
             let mut out = Vec::new();
             for phase in phases {
-                out.extend(hook::render_plan(&env, &host, vmid, phase)?);
+                out.extend(crate::report::render_plan(&env, &host, vmid, phase)?);
             }
             out
         }
@@ -132,7 +132,7 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
             vec![hook::rollback_command(&env, &host, parse_vmid(&vmid)?)?]
         }
         Some(Command::Status { vmid }) => {
-            hook::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
+            crate::report::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
         }
         Some(Command::Check { vmid }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
         Some(Command::Hook(args)) => match args.as_slice() {

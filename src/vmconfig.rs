@@ -9,11 +9,12 @@
 //! guessing a default for a mistyped `affinity` would pin the VM somewhere the user never asked.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::cpuset::{CpuSet, MAX_CPUS};
+use crate::pci::PCI_CONFIG_FORM;
+pub use crate::pci::PciId;
 
 /// Where qemu-server keeps VM configs, relative to the host root.
 pub const CONFIG_DIR: &str = "etc/pve/qemu-server";
@@ -43,12 +44,6 @@ pub enum VmConfigError {
         key: String,
         value: String,
         expected: String,
-    },
-    /// A PCI address outside a config (a sysfs name, a profile entry).
-    #[error("invalid PCI address '{value}': expected {expected}")]
-    PciId {
-        value: String,
-        expected: &'static str,
     },
 }
 
@@ -151,113 +146,6 @@ pub enum PciSource {
     Host(Vec<PciId>),
     /// A cluster resource mapping in `/etc/pve/mapping/pci.cfg`, resolved per node.
     Mapping(String),
-}
-
-/// A PCI address; `function: None` means every function of the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PciId {
-    pub domain: u16,
-    pub bus: u8,
-    pub device: u8,
-    pub function: Option<u8>,
-}
-
-const PCI_CONFIG_FORM: &str =
-    "a PCI address [dddd:]bb:dd[.f] in lowercase hex, e.g. 0b:00.0 or 0000:0b:00";
-const PCI_SYSFS_FORM: &str = "a sysfs PCI name dddd:bb:dd.f in lowercase hex, e.g. 0000:0b:00.0";
-
-impl PciId {
-    /// Parses the strict `dddd:bb:dd.f` form the kernel uses for `/sys/bus/pci/devices/*`.
-    pub fn parse_sysfs(s: &str) -> Result<PciId, VmConfigError> {
-        let bad = || VmConfigError::PciId {
-            value: s.to_string(),
-            expected: PCI_SYSFS_FORM,
-        };
-        let parts: Vec<&str> = s.split([':', '.']).collect();
-        let [domain, bus, device, function] = parts[..] else {
-            return Err(bad());
-        };
-        if s.as_bytes().get(4) != Some(&b':') || s.as_bytes().get(10) != Some(&b'.') {
-            return Err(bad());
-        }
-        let domain = hex(domain, 4).ok_or_else(bad)?;
-        let bus = hex(bus, 2).ok_or_else(bad)?;
-        let device = hex(device, 2).ok_or_else(bad)?;
-        let function = hex(function, 1).ok_or_else(bad)?;
-        // Real PCI has 32 devices of 8 functions per bus; the kernel never names others.
-        if device > 0x1f || function > 7 {
-            return Err(bad());
-        }
-        Ok(PciId {
-            domain: domain as u16,
-            bus: bus as u8,
-            device: device as u8,
-            function: Some(function as u8),
-        })
-    }
-}
-
-/// Lowercase hex of exactly `len` digits (Proxmox's patterns are case-sensitive).
-fn hex(s: &str, len: usize) -> Option<u32> {
-    let ok = s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if ok {
-        u32::from_str_radix(s, 16).ok()
-    } else {
-        None
-    }
-}
-
-impl FromStr for PciId {
-    type Err = VmConfigError;
-
-    /// The `hostpci` grammar: `[dddd:]bb:dd[.f]`, the domain four or more lowercase hex digits.
-    fn from_str(s: &str) -> Result<PciId, VmConfigError> {
-        let bad = || VmConfigError::PciId {
-            value: s.to_string(),
-            expected: PCI_CONFIG_FORM,
-        };
-        let (address, function) = match s.split_once('.') {
-            Some((a, f)) => (a, Some(hex(f, 1).ok_or_else(bad)? as u8)),
-            None => (s, None),
-        };
-        let parts: Vec<&str> = address.split(':').collect();
-        let (domain, bus, device) = match parts[..] {
-            [bus, device] => (0, bus, device),
-            [domain, bus, device] if domain.len() >= 4 => {
-                let domain = domain.trim_start_matches('0');
-                let domain = if domain.is_empty() {
-                    0
-                } else {
-                    hex(domain, domain.len())
-                        .filter(|d| *d <= 0xffff)
-                        .ok_or_else(bad)?
-                };
-                (domain as u16, bus, device)
-            }
-            _ => return Err(bad()),
-        };
-        Ok(PciId {
-            domain,
-            bus: hex(bus, 2).ok_or_else(bad)? as u8,
-            device: hex(device, 2).ok_or_else(bad)? as u8,
-            function,
-        })
-    }
-}
-
-impl fmt::Display for PciId {
-    /// The sysfs name (`0000:0b:00.0`), or its device prefix (`0000:0b:00`) for all functions.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}",
-            self.domain, self.bus, self.device
-        )?;
-        match self.function {
-            Some(function) => write!(f, ".{function:x}"),
-            None => Ok(()),
-        }
-    }
 }
 
 impl VmConfig {

@@ -1,0 +1,163 @@
+//! What pvetune shows: the dry run (`plan`) and what it holds (`status`). Reads only.
+
+use crate::error::Error;
+use crate::exec::same_value;
+use crate::hook::{Env, load, plan_for, process_alive};
+use crate::host::Host;
+use crate::plan::{Action, Phase, Plan, Step, ThreadRef};
+use crate::state::{State, Store};
+
+/// The dry run of one phase, as `target: before -> after` lines. Reads only.
+pub fn render_plan<H: Host>(
+    env: &Env,
+    host: &H,
+    vmid: u32,
+    phase: Phase,
+) -> Result<Vec<String>, Error> {
+    let store = Store::new(&env.root);
+    let state = store.load()?;
+    let mut out = vec![format!("{phase}:")];
+    let plan = if phase == Phase::PostStop {
+        undo_plan(&state, vmid)
+    } else {
+        let Some(loaded) = load(env, vmid, true)? else {
+            return Ok(vec![format!(
+                "VM {vmid} has no profile: pvetune does nothing for it"
+            )]);
+        };
+        let others = state.owned_by_others(vmid);
+        plan_for(&loaded, vmid, &others, phase)?
+    };
+    for step in &plan.steps {
+        let before = match &step.action {
+            Action::Write { path, .. } => host
+                .read(&env.root.path(path))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|e| format!("<unreadable: {e}>")),
+            Action::Pin { thread, .. } => match thread.tid {
+                Some(tid) => host
+                    .get_affinity(tid)
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|e| format!("<{e}>")),
+                None => "-".to_string(),
+            },
+        };
+        let after = step.action.after();
+        let same = same_value(&before, &after);
+        let mark = if same { " (unchanged)" } else { "" };
+        out.push(format!(
+            "  {}: {before} -> {}{mark}",
+            step.action,
+            after.trim()
+        ));
+    }
+    for skip in &plan.skipped {
+        out.push(format!("  skip {}: {}", skip.tunable, skip.reason));
+    }
+    for note in &plan.notes {
+        out.push(format!("  note: {note}"));
+    }
+    if plan.steps.is_empty() && plan.skipped.is_empty() && plan.notes.is_empty() {
+        out.push("  nothing to do".into());
+    }
+    Ok(out)
+}
+
+/// What post-stop would do: the undo of the ledger's entries for the VM.
+fn undo_plan(state: &State, vmid: u32) -> Plan {
+    let mut plan = Plan::default();
+    for (path, claim) in &state.claims {
+        if claim.holders.iter().any(|h| h.vmid == vmid) {
+            let mut rest = claim.clone();
+            rest.holders.retain(|h| h.vmid != vmid);
+            plan.steps.push(Step {
+                tunable: "restore",
+                action: Action::Write {
+                    path: path.clone(),
+                    value: rest.effective().to_string(),
+                },
+            });
+            if !rest.holders.is_empty() {
+                let who: Vec<String> = rest.holders.iter().map(|h| h.vmid.to_string()).collect();
+                plan.notes
+                    .push(format!("{path} stays claimed by VM {}", who.join(", ")));
+            }
+        }
+    }
+    if let Some(rec) = state.vms.get(&vmid) {
+        for pin in &rec.pins {
+            plan.steps.push(Step {
+                tunable: "restore",
+                action: Action::Pin {
+                    thread: ThreadRef {
+                        pid: rec.pid,
+                        tid: Some(pin.tid),
+                        label: pin.label.clone(),
+                    },
+                    cpus: pin.old.clone(),
+                },
+            });
+        }
+    }
+    plan
+}
+
+/// `pvetune status`: what the ledger holds.
+pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
+    let state = Store::new(&env.root).load()?;
+    let mut out = Vec::new();
+    if state.is_empty() {
+        out.push("pvetune holds nothing on this node".into());
+        return Ok(out);
+    }
+    for vmid in state
+        .held_vms()
+        .into_iter()
+        .filter(|v| only.is_none_or(|o| o == *v))
+    {
+        let rec = state.vms.get(&vmid);
+        let proc_state = match rec.and_then(|r| r.pid) {
+            Some(pid) if process_alive(env, rec) => format!("running (pid {pid})"),
+            Some(pid) => {
+                format!("gone (pid {pid}): the next hook or 'pvetune rollback {vmid}' undoes it")
+            }
+            None => "starting".to_string(),
+        };
+        out.push(format!("VM {vmid}: {proc_state}"));
+        if let Some(rec) = rec {
+            out.push(format!("  cpus {} (last phase {})", rec.cpus, rec.phase));
+            for pin in &rec.pins {
+                out.push(format!(
+                    "  thread {} ({}): {} (was {})",
+                    pin.tid, pin.label, pin.new, pin.old
+                ));
+            }
+        }
+        for (path, claim) in &state.claims {
+            if let Some(h) = claim.holders.iter().find(|h| h.vmid == vmid) {
+                out.push(format!(
+                    "  {path}: {} (original {})",
+                    h.value.trim(),
+                    claim.original.trim()
+                ));
+            }
+        }
+    }
+    if only.is_none() {
+        out.push("node-wide claims:".into());
+        for (path, claim) in &state.claims {
+            let holders: Vec<String> = claim
+                .holders
+                .iter()
+                .map(|h| format!("VM {}={}", h.vmid, h.value.trim()))
+                .collect();
+            out.push(format!(
+                "  {path}: {} -> {} ({})",
+                claim.original.trim(),
+                claim.effective().trim(),
+                holders.join(", ")
+            ));
+        }
+    }
+    Ok(out)
+}
