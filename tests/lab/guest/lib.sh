@@ -1,0 +1,178 @@
+# Helpers for lab scenarios (sourced; POSIX sh: busybox ash in one flavour, dash in the other).
+#
+# A scenario reports through `ok`, `fail` and the `check_*` functions; each writes one
+# `LAB check` line to the results port. A scenario fails when any check failed or when it
+# exits non-zero, so setup steps end with `|| die "what failed"`.
+
+LAB_RESULTS=/dev/ttyS1
+# The runner exports LAB_SCENARIO; outside the runner (e.g. by hand) call it `manual`.
+: "${LAB_SCENARIO:=manual}"
+LAB_FAILED=0
+
+report() {
+	# One open and close per line: closing a tty waits for its output to drain, so nothing
+	# is lost when the guest powers off right after the last line.
+	printf 'LAB %s\n' "$*" > "$LAB_RESULTS"
+}
+
+ok() { report "check $LAB_SCENARIO ok $*"; }
+
+fail() {
+	report "check $LAB_SCENARIO fail $*"
+	echo "FAIL: $*" >&2
+	LAB_FAILED=1
+}
+
+die() {
+	fail "$*"
+	exit 1
+}
+
+# check_eq <what> <expected> <actual>
+check_eq() {
+	if [ "$2" = "$3" ]; then ok "$1 = $2"; else fail "$1: expected '$2', got '$3'"; fi
+}
+
+# check_rc <what> <expected exit code> <command...>: runs the command, output to the log.
+check_rc() {
+	what=$1 want=$2
+	shift 2
+	"$@"
+	rc=$?
+	if [ "$rc" = "$want" ]; then ok "$what: exit $rc"; else fail "$what: expected exit $want, got $rc ($*)"; fi
+}
+
+# check_contains <what> <file> <text>
+check_contains() {
+	if grep -qi -- "$3" "$2"; then ok "$1"; else fail "$1: '$3' not in $(head -c 500 "$2")"; fi
+}
+
+# check_same <what> <before file> <after file>: the kernel state is exactly what it was.
+check_same() {
+	if diff -u "$2" "$3" > /tmp/lab-diff 2>&1; then
+		ok "$1"
+	else
+		cat /tmp/lab-diff
+		fail "$1: state differs ($(grep -c '^[-+][^-+]' /tmp/lab-diff) lines, diff in the log)"
+	fi
+}
+
+# finish: the scenario's exit code (call last).
+finish() { exit "$LAB_FAILED"; }
+
+# --- the "VM": a real QEMU, paused, with the threads Proxmox's QEMU has --------------------
+
+# vm_config <vmid> [extra config lines...]: /etc/pve/qemu-server/<vmid>.conf as Proxmox writes it.
+vm_config() {
+	vmid=$1
+	shift
+	mkdir -p /etc/pve/qemu-server
+	{
+		echo "name: lab"
+		echo "memory: 64"
+		echo "sockets: 1"
+		echo "cores: 2"
+		echo "args: -smp 4,sockets=1,cores=2,threads=2"
+		for line in "$@"; do echo "$line"; done
+	} > "/etc/pve/qemu-server/$vmid.conf"
+}
+
+# profile <vmid> <yaml>: the pvetune profile, owned by root, mode 0644 as pvetune requires.
+profile() {
+	mkdir -p /etc/pvetune/profiles
+	printf '%s\n' "$2" > "/etc/pvetune/profiles/$1.yaml"
+	chmod 0644 "/etc/pvetune/profiles/$1.yaml"
+}
+
+# vm_start <vmid> [iothread id]: starts QEMU the way qemu-server does, in qemu.slice/<vmid>.scope.
+vm_start() {
+	vmid=$1 iothread=${2:-iothread-virtioscsi0}
+	mkdir -p /var/run/qemu-server
+	set -- qemu-system-x86_64 -accel tcg,thread=multi -machine q35 -m 64 \
+		-smp 4,sockets=1,cores=2,threads=2 -object "iothread,id=$iothread" \
+		-nographic -nodefaults -S -daemonize -pidfile "/var/run/qemu-server/$vmid.pid" \
+		-qmp "unix:/var/run/qemu-server/$vmid.qmp,server=on,wait=off" -name lab,debug-threads=on
+	if [ "$LAB_FLAVOUR" = systemd ]; then
+		systemd-run --quiet --scope --slice=qemu.slice --unit="$vmid" "$@" || return 1
+	else
+		mkdir -p "/sys/fs/cgroup/qemu.slice/$vmid.scope"
+		"$@" || return 1
+		# Writing the pid to cgroup.procs moves every thread of the process.
+		cat "/var/run/qemu-server/$vmid.pid" > "/sys/fs/cgroup/qemu.slice/$vmid.scope/cgroup.procs" || return 1
+	fi
+	vm_pid "$vmid" > /dev/null
+}
+
+vm_pid() { cat "/var/run/qemu-server/$1.pid"; }
+
+# vm_stop <vmid>: ends QEMU and waits until it is gone (its scope goes with it under systemd).
+vm_stop() {
+	pid=$(vm_pid "$1") || return 1
+	kill "$pid"
+	for _ in $(seq 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+	[ ! -d "/proc/$pid" ] || { echo "QEMU $pid did not exit" >&2; return 1; }
+	rmdir "/sys/fs/cgroup/qemu.slice/$1.scope" 2>/dev/null
+	rm -f "/var/run/qemu-server/$1.pid"
+	return 0
+}
+
+# threads <pid>: `<tid> <comm> <allowed cpus>` for every thread, sorted by tid.
+threads() {
+	for task in /proc/"$1"/task/*; do
+		printf '%s %s %s\n' "${task##*/}" "$(tr ' ' '_' < "$task/comm")" \
+			"$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$task/status")"
+	done | sort -n
+}
+
+# affinity_of <pid> <comm with _ for spaces>: the allowed CPUs of the first thread so named.
+affinity_of() { threads "$1" | awk -v c="$2" '$2 == c { print $3; exit }'; }
+
+# --- kernel state ---------------------------------------------------------------------------
+
+# Sysctls a tunable may touch (later issues add theirs); each as `name = value`.
+LAB_SYSCTLS="vm/stat_interval vm/swappiness vm/dirty_ratio vm/nr_hugepages kernel/timer_migration
+	kernel/numa_balancing kernel/sched_rt_runtime_us kernel/watchdog kernel/nmi_watchdog
+	kernel/watchdog_cpumask"
+
+# The cgroups Proxmox hosts have; what systemd adds on its own (sessions) would be noise.
+LAB_CGROUPS=". init.scope system.slice user.slice qemu.slice"
+
+# snapshot <file> [vmid]: everything a pvetune tunable may change, in a stable text form.
+snapshot() {
+	out=$1 vmid=$2
+	{
+		echo "== cpus online $(cat /sys/devices/system/cpu/online)"
+		echo "== cpus isolated $(cat /sys/devices/system/cpu/isolated)"
+		for g in /sys/devices/system/cpu/cpu*/cpufreq/scaling_governor; do
+			[ -e "$g" ] && echo "== governor $g $(cat "$g")"
+		done
+		echo "== sysctl"
+		for s in $LAB_SYSCTLS; do
+			[ -r "/proc/sys/$s" ] && echo "$s = $(cat "/proc/sys/$s")"
+		done
+		echo "== cgroups"
+		cgroups="$LAB_CGROUPS"
+		[ -n "$vmid" ] && cgroups="$cgroups qemu.slice/$vmid.scope"
+		for c in $cgroups; do
+			for f in cgroup.subtree_control cpuset.cpus cpuset.mems cpuset.cpus.partition \
+				cpuset.cpus.effective cpuset.cpus.isolated cpuset.cpus.exclusive; do
+				[ -r "/sys/fs/cgroup/$c/$f" ] && echo "$c/$f: $(cat "/sys/fs/cgroup/$c/$f")"
+			done
+		done
+		echo "== hugepages"
+		for h in /sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages; do
+			echo "$h: $(cat "$h")"
+		done
+		echo "== irqs"
+		for i in /proc/irq/*/smp_affinity_list; do
+			echo "$i: $(cat "$i")"
+		done
+		echo "== workqueue $(cat /sys/devices/virtual/workqueue/cpumask)"
+		echo "== pci"
+		ls /sys/bus/pci/devices
+		if [ -n "$vmid" ] && [ -r "/var/run/qemu-server/$vmid.pid" ]; then
+			echo "== threads of VM $vmid"
+			threads "$(vm_pid "$vmid")"
+		fi
+	} > "$out"
+}
