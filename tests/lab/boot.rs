@@ -140,18 +140,19 @@ impl Guest<'_> {
             "-machine",
             "q35",
             // qemu64 gives each socket its own L3 (cache/index3), which a host has; +topoext
-            // is refused by TCG with a warning and changes nothing there.
+            // is refused by TCG with a warning and changes nothing there. pdpe1gb offers the
+            // 1 GiB hugepage size, which the memory work needs.
             "-cpu",
-            "qemu64",
+            "qemu64,+pdpe1gb",
             // A two-socket host: SMT pairs (0,1) (2,3) .., one NUMA node per socket.
             "-smp",
             "8,sockets=2,cores=2,threads=2",
             "-m",
-            "2048",
+            "4096",
             "-object",
-            "memory-backend-ram,id=m0,size=1024M",
+            "memory-backend-ram,id=m0,size=2048M",
             "-object",
-            "memory-backend-ram,id=m1,size=1024M",
+            "memory-backend-ram,id=m1,size=2048M",
             "-numa",
             "node,nodeid=0,cpus=0-3,memdev=m0",
             "-numa",

@@ -17,6 +17,12 @@ report() {
 
 ok() { report "check $LAB_SCENARIO ok $*"; }
 
+# note <text>: a fact worth knowing that is not a check (kept in results.log, shown on failure).
+note() {
+	report "note $LAB_SCENARIO $*"
+	echo "note: $*"
+}
+
 fail() {
 	report "check $LAB_SCENARIO fail $*"
 	echo "FAIL: $*" >&2
