@@ -1,1 +1,381 @@
-//! (placeholder, filled in by its own branch)
+//! `CpuSet`: a set of CPU numbers that reads and writes the kernel's cpulist and cpumask syntax.
+//!
+//! Parsing follows `lib/bitmap-str.c` exactly (`bitmap_parselist()` and `bitmap_parse()`), so a
+//! value accepted here is one the kernel accepts in `cpuset.cpus` or `smp_affinity_list`, and a
+//! value printed here is byte-identical to what sysfs prints (`%*pbl`): ascending, ranges
+//! collapsed, no spaces, no newline.
+
+use std::fmt;
+
+/// The widest bitmap pvetune parses when nothing narrower is known (the kernel's
+/// `CONFIG_NR_CPUS` maximum on x86_64).
+pub const MAX_CPUS: u32 = 8192;
+
+/// A set of CPU numbers, stored as a bitmap with no trailing zero words (so `==` is set equality).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct CpuSet {
+    words: Vec<u64>,
+}
+
+/// Why a cpulist or cpumask was refused; the variants mirror the kernel's errno.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuListError {
+    /// `-EINVAL`: not the cpulist grammar.
+    #[error("invalid cpulist '{input}': {reason}")]
+    Invalid { input: String, reason: &'static str },
+    /// `-ERANGE`: a CPU number at or above the bitmap width.
+    #[error("cpulist '{input}' names CPU {cpu}, but the limit is {limit}")]
+    Range { input: String, cpu: u32, limit: u32 },
+    /// `-EOVERFLOW`: a number that does not fit, or a mask wider than the bitmap.
+    #[error("cpulist '{input}' overflows: {reason}")]
+    Overflow { input: String, reason: &'static str },
+}
+
+impl CpuSet {
+    /// The empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `first..=last`.
+    pub fn range(first: u32, last: u32) -> Self {
+        (first..=last).collect()
+    }
+
+    /// Parses a cpulist as `bitmap_parselist()` does for a bitmap of `nbits` bits: `0-5,12-17`,
+    /// `0-31:1/4` (used/group), `N` (the last CPU), `all`; regions split by commas or whitespace.
+    pub fn parse_list(input: &str, nbits: u32) -> Result<Self, CpuListError> {
+        let invalid = |reason| CpuListError::Invalid {
+            input: input.to_string(),
+            reason,
+        };
+        let mut set = CpuSet::new();
+        // The kernel stops at the first newline.
+        let text = input.split('\n').next().unwrap_or("");
+        for region in text
+            .split(|c: char| c == ',' || c.is_ascii_whitespace())
+            .filter(|r| !r.is_empty())
+        {
+            let (span, group) = match region.split_once(':') {
+                Some((span, group)) => (span, Some(group)),
+                None => (region, None),
+            };
+            let last = nbits.checked_sub(1);
+            let (start, end) = if span.eq_ignore_ascii_case("all") {
+                let last = last.ok_or_else(|| invalid("'all' in an empty bitmap"))?;
+                (0, last)
+            } else {
+                let (a, b) = match span.split_once('-') {
+                    Some((a, b)) => (a, Some(b)),
+                    None => (span, None),
+                };
+                let start = parse_num(a, last, input)?;
+                let end = match b {
+                    Some(b) => parse_num(b, last, input)?,
+                    None if group.is_some() => return Err(invalid("a group needs a range A-B")),
+                    None => start,
+                };
+                (start, end)
+            };
+            if start > end {
+                return Err(invalid("range start is after its end"));
+            }
+            let (used, size) = match group {
+                None => (1, 1),
+                Some(g) => {
+                    let (u, s) = g
+                        .split_once('/')
+                        .ok_or_else(|| invalid("a group is written used/size"))?;
+                    (parse_num(u, last, input)?, parse_num(s, last, input)?)
+                }
+            };
+            if size == 0 || used > size {
+                return Err(invalid("group size is 0 or smaller than its used count"));
+            }
+            if end >= nbits {
+                return Err(CpuListError::Range {
+                    input: input.to_string(),
+                    cpu: end,
+                    limit: nbits,
+                });
+            }
+            let mut base = start;
+            while base <= end {
+                let top = base.saturating_add(used).min(end.saturating_add(1));
+                for cpu in base..top {
+                    set.insert(cpu);
+                }
+                match base.checked_add(size) {
+                    Some(next) => base = next,
+                    None => break,
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Parses a hex cpumask as `bitmap_parse()` does: 32-bit words, most significant first,
+    /// separated by commas (`ffffffff,00000001`), as in sysfs `cpumap` and `thread_siblings`.
+    pub fn parse_mask(input: &str, nbits: u32) -> Result<Self, CpuListError> {
+        let text = input.split('\n').next().unwrap_or("");
+        let overflow = |reason| CpuListError::Overflow {
+            input: input.to_string(),
+            reason,
+        };
+        let words: Vec<&str> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect();
+        if words.len() > nbits.div_ceil(32) as usize {
+            return Err(overflow("more words than the bitmap holds"));
+        }
+        let mut set = CpuSet::new();
+        for (index, word) in words.iter().rev().enumerate() {
+            if word.len() > 8 {
+                return Err(overflow("a word longer than 8 hex digits"));
+            }
+            let value = u32::from_str_radix(word, 16).map_err(|_| CpuListError::Invalid {
+                input: input.to_string(),
+                reason: "not a hex digit",
+            })?;
+            for bit in 0..32 {
+                if value & (1 << bit) != 0 {
+                    let cpu = index as u32 * 32 + bit;
+                    if cpu >= nbits {
+                        return Err(overflow("a bit set beyond the bitmap"));
+                    }
+                    set.insert(cpu);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn insert(&mut self, cpu: u32) {
+        let (word, bit) = ((cpu / 64) as usize, cpu % 64);
+        if self.words.len() <= word {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << bit;
+    }
+
+    pub fn remove(&mut self, cpu: u32) {
+        let (word, bit) = ((cpu / 64) as usize, cpu % 64);
+        if let Some(w) = self.words.get_mut(word) {
+            *w &= !(1 << bit);
+        }
+        self.trim();
+    }
+
+    pub fn contains(&self, cpu: u32) -> bool {
+        let (word, bit) = ((cpu / 64) as usize, cpu % 64);
+        self.words.get(word).is_some_and(|w| w & (1 << bit) != 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// The lowest CPU, if any.
+    pub fn first(&self) -> Option<u32> {
+        self.iter().next()
+    }
+
+    /// The highest CPU, if any.
+    pub fn last(&self) -> Option<u32> {
+        let (index, word) = self.words.iter().enumerate().next_back()?;
+        Some(index as u32 * 64 + 63 - word.leading_zeros())
+    }
+
+    /// CPUs in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(index, &word)| {
+            (0..64u32)
+                .filter(move |bit| word & (1 << bit) != 0)
+                .map(move |bit| index as u32 * 64 + bit)
+        })
+    }
+
+    pub fn union(&self, other: &CpuSet) -> CpuSet {
+        self.zip(other, |a, b| a | b)
+    }
+
+    pub fn intersection(&self, other: &CpuSet) -> CpuSet {
+        self.zip(other, |a, b| a & b)
+    }
+
+    pub fn difference(&self, other: &CpuSet) -> CpuSet {
+        self.zip(other, |a, b| a & !b)
+    }
+
+    pub fn is_subset(&self, other: &CpuSet) -> bool {
+        self.difference(other).is_empty()
+    }
+
+    pub fn is_disjoint(&self, other: &CpuSet) -> bool {
+        self.intersection(other).is_empty()
+    }
+
+    fn zip(&self, other: &CpuSet, op: impl Fn(u64, u64) -> u64) -> CpuSet {
+        let len = self.words.len().max(other.words.len());
+        let get = |v: &Vec<u64>, i: usize| v.get(i).copied().unwrap_or(0);
+        let mut out = CpuSet {
+            words: (0..len)
+                .map(|i| op(get(&self.words, i), get(&other.words, i)))
+                .collect(),
+        };
+        out.trim();
+        out
+    }
+
+    fn trim(&mut self) {
+        while self.words.last() == Some(&0) {
+            self.words.pop();
+        }
+    }
+}
+
+/// Reads one number of a region: decimal digits, or `N` for the last bit.
+fn parse_num(text: &str, last: Option<u32>, input: &str) -> Result<u32, CpuListError> {
+    if text == "N" {
+        return last.ok_or_else(|| CpuListError::Invalid {
+            input: input.to_string(),
+            reason: "'N' in an empty bitmap",
+        });
+    }
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(CpuListError::Invalid {
+            input: input.to_string(),
+            reason: "expected a CPU number",
+        });
+    }
+    text.parse::<u32>().map_err(|_| CpuListError::Overflow {
+        input: input.to_string(),
+        reason: "a number that does not fit in 32 bits",
+    })
+}
+
+impl FromIterator<u32> for CpuSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
+        let mut set = CpuSet::new();
+        for cpu in iter {
+            set.insert(cpu);
+        }
+        set
+    }
+}
+
+impl std::str::FromStr for CpuSet {
+    type Err = CpuListError;
+
+    /// A cpulist as a user writes it in a profile: the kernel grammar, up to [`MAX_CPUS`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CpuSet::parse_list(s, MAX_CPUS)
+    }
+}
+
+impl fmt::Display for CpuSet {
+    /// The kernel's `%*pbl` form: `0-5,12-17`; the empty set prints as an empty string.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut cpus = self.iter().peekable();
+        let mut first = true;
+        while let Some(start) = cpus.next() {
+            let mut end = start;
+            while cpus.peek() == Some(&(end + 1)) {
+                end = cpus.next().unwrap_or(end);
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if start == end {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CpuSet({self})")
+    }
+}
+
+/// Serialized as its cpulist text, so the journal reads like sysfs.
+impl serde::Serialize for CpuSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CpuSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(s: &str, nbits: u32) -> Result<String, CpuListError> {
+        CpuSet::parse_list(s, nbits).map(|c| c.to_string())
+    }
+
+    #[test]
+    fn prints_like_sysfs() {
+        let set: CpuSet = [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17, 20]
+            .into_iter()
+            .collect();
+        assert_eq!(set.to_string(), "0-5,12-17,20");
+        assert_eq!(CpuSet::new().to_string(), "");
+    }
+
+    #[test]
+    fn set_algebra() {
+        let a = CpuSet::range(0, 7);
+        let b: CpuSet = "4-11".parse().unwrap();
+        assert_eq!(a.intersection(&b).to_string(), "4-7");
+        assert_eq!(a.difference(&b).to_string(), "0-3");
+        assert_eq!(a.union(&b).to_string(), "0-11");
+        assert!(CpuSet::range(2, 3).is_subset(&a));
+        assert_eq!(b.first(), Some(4));
+        assert_eq!(b.last(), Some(11));
+        assert_eq!(a.difference(&a), CpuSet::new());
+        assert_eq!(CpuSet::range(64, 130).last(), Some(130));
+    }
+
+    #[test]
+    fn kernel_corner_cases() {
+        assert_eq!(list("0-31:1/4", 32).unwrap(), "0,4,8,12,16,20,24,28");
+        assert_eq!(
+            list("  ,,  0-31:3/4  ,, 32-63:4/4  ,,  ", 64).unwrap(),
+            "0-2,4-6,8-10,12-14,16-18,20-22,24-26,28-30,32-63"
+        );
+        assert_eq!(list("N-N", 32).unwrap(), "31");
+        assert_eq!(list("ALL:1/2", 8).unwrap(), "0,2,4,6");
+        assert!(matches!(list("8-8", 8), Err(CpuListError::Range { .. })));
+        assert!(matches!(
+            list("0-98765432123456789:10/1", 8),
+            Err(CpuListError::Overflow { .. })
+        ));
+        assert!(matches!(list("0-\n", 8), Err(CpuListError::Invalid { .. })));
+    }
+
+    #[test]
+    fn masks() {
+        let set = CpuSet::parse_mask("deadbeef,1,0", 96).unwrap();
+        assert!(set.contains(32) && set.contains(64) && !set.contains(0));
+        assert!(CpuSet::parse_mask("3,0", 33).is_err());
+        assert!(CpuSet::parse_mask("goodfood", 32).is_err());
+    }
+}

@@ -1,13 +1,24 @@
 //! pvetune: per-VM host tuning for latency-sensitive Proxmox VE guests.
 //!
-//! The binary is a Proxmox hookscript (`pvetune <vmid> <phase>`). The library is split so that
-//! everything that decides is pure and everything that changes the host goes through two seams:
+//! The binary is a Proxmox hookscript (`pvetune <vmid> <phase>`). Everything that decides is
+//! pure (`plan`, `tunables`); everything that changes the host goes through two seams:
 //! [`root::Root`] (a path prefix for every host file) and [`host::Host`] (every mutation and
-//! syscall).
+//! syscall). `exec` applies a plan with a write-ahead ledger (`state`) and undoes it.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod cpuset;
+pub mod error;
+pub mod exec;
+pub mod facts;
+pub mod hook;
+pub mod host;
+pub mod plan;
+pub mod profile;
 pub mod qmp;
+pub mod root;
+pub mod state;
 pub mod topology;
+pub mod tunables;
 pub mod vm;
 pub mod vmconfig;

@@ -1,0 +1,193 @@
+//! Command line: raw arguments -> resolved environment -> one command; errors mapped once.
+
+use crate::error::{Error, exit};
+use crate::hook::{self, Env};
+use crate::host::RealHost;
+use crate::plan::Phase;
+use crate::root::Root;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+Hookscript use (as Proxmox VE calls it):
+  pvetune <vmid> <phase>        phase: pre-start | post-start | pre-stop | post-stop
+  qm set <vmid> --hookscript local:snippets/pvetune
+
+Profiles: /etc/pve/pvetune/<vmid>.yaml (cluster-wide), else /etc/pvetune/profiles/<vmid>.yaml.
+A VM without a profile is left alone (exit 0).
+
+Exit codes:
+  0  done (or nothing to do)
+  1  failed while applying; the phase's own changes were undone (in pre-start: the VM does not start)
+  2  invalid input: command line, profile, VM config, or a profile that does not fit this host; nothing changed
+  3  rollback incomplete; what is left is kept in /run/pvetune for the next run";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pvetune",
+    version,
+    about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, governor, sysctls, with full rollback",
+    args_conflicts_with_subcommands = true,
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// Prefix for every host path read or written (/sys, /proc, /run, /etc/pve, ...)
+    #[arg(long, global = true, env = "PVETUNE_ROOT", default_value = "/")]
+    root: PathBuf,
+    /// Use this profile instead of looking it up by VMID
+    #[arg(long, global = true)]
+    profile: Option<PathBuf>,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// VMID, when called as a hookscript
+    vmid: Option<String>,
+    /// Hook phase, when called as a hookscript
+    phase: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Dry run: print every change a phase would make (target: before -> after); writes nothing
+    Plan {
+        vmid: String,
+        /// One phase only (default: pre-start and post-start)
+        #[arg(long)]
+        phase: Option<String>,
+    },
+    /// Undo everything pvetune holds for the VM now
+    Rollback { vmid: String },
+    /// Show what pvetune holds, per VM and node-wide
+    Status { vmid: Option<String> },
+    /// Validate the VM's profile against this host and the VM config; changes nothing
+    Check { vmid: String },
+}
+
+/// Runs pvetune with the process arguments; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                exit::INVALID
+            } else {
+                exit::OK
+            };
+        }
+    };
+    init_logging(&cli);
+    match run(cli) {
+        Ok(lines) => {
+            for line in lines.iter().filter(|l| !l.is_empty()) {
+                println!("{line}");
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("pvetune: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<Vec<String>, Error> {
+    let env = Env {
+        root: Root::new(&cli.root),
+        profile: cli.profile.clone(),
+    };
+    let host = RealHost;
+    let quiet = cli.quiet;
+    let lines = match cli.command {
+        Some(Command::Plan { vmid, phase }) => {
+            let vmid = parse_vmid(&vmid)?;
+            let phases = match phase {
+                Some(p) => vec![parse_phase(&p)?],
+                None => vec![Phase::PreStart, Phase::PostStart],
+            };
+            let mut out = Vec::new();
+            for phase in phases {
+                out.extend(hook::render_plan(&env, &host, vmid, phase)?);
+            }
+            out
+        }
+        Some(Command::Rollback { vmid }) => {
+            vec![hook::rollback_command(&env, &host, parse_vmid(&vmid)?)?]
+        }
+        Some(Command::Status { vmid }) => {
+            hook::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
+        }
+        Some(Command::Check { vmid }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
+        None => match (cli.vmid, cli.phase) {
+            (Some(vmid), Some(phase)) => {
+                let line = hook::run_hook(&env, &host, parse_vmid(&vmid)?, parse_phase(&phase)?)?;
+                if quiet { vec![] } else { vec![line] }
+            }
+            _ => {
+                return Err(Error::Usage(
+                    "usage: pvetune <vmid> <phase>, or a command: see pvetune --help".into(),
+                ));
+            }
+        },
+    };
+    Ok(lines)
+}
+
+/// A VMID becomes part of paths: digits only, in Proxmox's range 100..=999999999.
+pub fn parse_vmid(s: &str) -> Result<u32, Error> {
+    let bad = || {
+        Error::Usage(format!(
+            "invalid VMID '{s}': expected a number from 100 to 999999999"
+        ))
+    };
+    if s.is_empty() || s.len() > 9 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let id: u32 = s.parse().map_err(|_| bad())?;
+    if id < 100 {
+        return Err(bad());
+    }
+    Ok(id)
+}
+
+fn parse_phase(s: &str) -> Result<Phase, Error> {
+    s.parse().map_err(Error::Usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmids() {
+        assert_eq!(parse_vmid("100").unwrap(), 100);
+        assert_eq!(parse_vmid("999999999").unwrap(), 999_999_999);
+        for bad in ["99", "+100", "1e3", "../100", "", "1000000000", "0100x"] {
+            assert!(parse_vmid(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,69 @@
+//! The top-level error, and the one place that maps errors to exit codes.
+
+use crate::exec::ExecError;
+use crate::plan::{Phase, PlanError};
+use crate::profile::ProfileError;
+use crate::state::StateError;
+use crate::topology::TopologyError;
+use crate::vm::VmError;
+use crate::vmconfig::VmConfigError;
+use std::path::PathBuf;
+
+/// Exit codes (also in `--help` and docs/operations.md).
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Something failed while applying; the phase's own changes were undone.
+    pub const FAILED: i32 = 1;
+    /// Bad input: command line, profile, VM config; nothing was changed.
+    pub const INVALID: i32 = 2;
+    /// A rollback could not undo everything; what is left is in the ledger.
+    pub const ROLLBACK_INCOMPLETE: i32 = 3;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error("{}: {source}", place(path, source))]
+    Plan { path: PathBuf, source: PlanError },
+    #[error("VM config: {0}")]
+    VmConfig(#[from] VmConfigError),
+    #[error("host topology: {0}")]
+    Topology(#[from] TopologyError),
+    #[error("VM {vmid}: {source}")]
+    Vm { vmid: u32, source: VmError },
+    #[error("VM {vmid} is not running (no live QEMU process behind its pidfile)")]
+    NotRunning { vmid: u32 },
+    #[error("ledger: {0}")]
+    State(#[from] StateError),
+    #[error("{phase} failed: {source}; every change of this phase was undone")]
+    Apply { phase: Phase, source: ExecError },
+    #[error("rollback of VM {vmid} incomplete, the rest stays in the ledger for the next run: {}", errors.join("; "))]
+    Rollback { vmid: u32, errors: Vec<String> },
+}
+
+fn place(path: &std::path::Path, e: &PlanError) -> String {
+    if e.line == 0 {
+        path.display().to_string()
+    } else {
+        format!("{}:{}:{}", path.display(), e.line, e.column)
+    }
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) | Error::Profile(_) | Error::Plan { .. } | Error::VmConfig(_) => {
+                exit::INVALID
+            }
+            Error::Rollback { .. } => exit::ROLLBACK_INCOMPLETE,
+            Error::Topology(_)
+            | Error::Vm { .. }
+            | Error::NotRunning { .. }
+            | Error::State(_)
+            | Error::Apply { .. } => exit::FAILED,
+        }
+    }
+}

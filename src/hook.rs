@@ -1,0 +1,466 @@
+//! The hookscript phases and the other commands, on top of plan, exec and the ledger.
+//!
+//! Proxmox facts that shape this file (see docs/design.md): post-stop does not run after a
+//! failed start nor on a migration source, and pre-stop does not run when the guest powers
+//! itself off. So undo happens in post-stop, and every hook first *reconciles*: it rolls back
+//! what the ledger holds for VMs of this node that no longer run.
+
+use crate::error::Error;
+use crate::exec::{Applied, Executor, same_value};
+use crate::facts::HostFacts;
+use crate::host::Host;
+use crate::plan::{self, Action, Inputs, Phase, Plan, Step, ThreadRef};
+use crate::profile::{self, Profile};
+use crate::root::Root;
+use crate::state::{self, State, Store, VmRecord};
+use crate::topology::Topology;
+use crate::vm::{self, RunningVm};
+use crate::vmconfig::VmConfig;
+use std::path::PathBuf;
+
+/// Resolved command-line context.
+pub struct Env {
+    pub root: Root,
+    pub profile: Option<PathBuf>,
+}
+
+/// Everything read about the host and the VM before planning.
+pub struct Loaded {
+    pub profile: Profile,
+    pub topology: Topology,
+    pub facts: HostFacts,
+    pub config: VmConfig,
+    pub running: Option<RunningVm>,
+}
+
+impl Loaded {
+    pub fn inputs<'a>(
+        &'a self,
+        vmid: u32,
+        others: &'a std::collections::BTreeMap<u32, crate::cpuset::CpuSet>,
+    ) -> Inputs<'a> {
+        Inputs {
+            vmid,
+            profile: &self.profile,
+            topology: &self.topology,
+            facts: &self.facts,
+            config: &self.config,
+            running: self.running.as_ref(),
+            others,
+        }
+    }
+}
+
+/// Reads the profile (None: the VM has none), the topology, host facts, the VM config and,
+/// if asked, the running VM's threads.
+pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, Error> {
+    let Some(path) = profile::locate(&env.root, vmid, env.profile.as_deref()) else {
+        return Ok(None);
+    };
+    let profile = profile::load(&path)?;
+    let topology = Topology::read(env.root.base())?;
+    let facts = HostFacts::read(
+        &env.root,
+        &profile.cpus.value,
+        profile.sysctl.iter().map(|(name, _)| name.as_str()),
+    );
+    let config = VmConfig::read(env.root.base(), vmid)?;
+    let running = if with_threads {
+        vm::discover(env.root.base(), vmid).map_err(|source| Error::Vm { vmid, source })?
+    } else {
+        None
+    };
+    Ok(Some(Loaded {
+        profile,
+        topology,
+        facts,
+        config,
+        running,
+    }))
+}
+
+/// Runs one hook phase exactly as qemu-server calls it.
+pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result<String, Error> {
+    let store = Store::new(&env.root);
+    if phase == Phase::PreStop {
+        return Ok(String::new());
+    }
+    // post-stop needs neither the profile nor the VM config (both may be gone by then).
+    let loaded = match phase {
+        Phase::PostStop => None,
+        _ => load(env, vmid, phase == Phase::PostStart)?,
+    };
+    let held = store.load()?;
+    if loaded.is_none() && held.is_empty() {
+        log::debug!("VM {vmid}: no profile, nothing held: nothing to do");
+        return Ok(String::new());
+    }
+    let _lock = store.lock()?;
+    let mut state = reconcile(env, host, &store, store.load()?, vmid)?;
+    match phase {
+        Phase::PreStop => unreachable!("returned above"),
+        Phase::PostStop => {
+            let (state, applied) = rollback_vm(env, host, &store, state, vmid)?;
+            drop(state);
+            Ok(summary(vmid, phase, &applied, 0))
+        }
+        Phase::PreStart => {
+            // qemu-server only starts a VM that is not running: anything still held for it is
+            // left over from a start that failed or a crash.
+            if state.held_vms().contains(&vmid) {
+                log::warn!("VM {vmid}: undoing what a previous run left behind");
+                state = rollback_vm(env, host, &store, state, vmid)?.0;
+            }
+            let Some(loaded) = loaded else {
+                return Ok(String::new());
+            };
+            if let Ok(from) = std::env::var("PVE_MIGRATED_FROM") {
+                log::info!("VM {vmid}: incoming migration from {from}");
+            }
+            let others = state.owned_by_others(vmid);
+            let plan = plan_for(&loaded, vmid, &others, phase)?;
+            state.vms.insert(
+                vmid,
+                VmRecord {
+                    cpus: loaded.profile.cpus.value.clone(),
+                    phase: phase.to_string(),
+                    ..Default::default()
+                },
+            );
+            store.save(&state)?;
+            execute(env, host, &store, state, vmid, phase, &plan)
+        }
+        Phase::PostStart => {
+            let Some(loaded) = loaded else {
+                return Ok(String::new());
+            };
+            let running = loaded.running.as_ref().ok_or(Error::NotRunning { vmid })?;
+            if let Ok(from) = std::env::var("PVE_MIGRATED_FROM") {
+                log::info!("VM {vmid}: incoming migration from {from}: pinning as usual");
+            }
+            let others = state.owned_by_others(vmid);
+            let plan = plan_for(&loaded, vmid, &others, phase)?;
+            let record = state.vms.entry(vmid).or_default();
+            record.cpus = loaded.profile.cpus.value.clone();
+            record.pid = Some(running.pid);
+            record.start_time = Some(running.start_time);
+            record.phase = phase.to_string();
+            store.save(&state)?;
+            execute(env, host, &store, state, vmid, phase, &plan)
+        }
+    }
+}
+
+fn plan_for(
+    loaded: &Loaded,
+    vmid: u32,
+    others: &std::collections::BTreeMap<u32, crate::cpuset::CpuSet>,
+    phase: Phase,
+) -> Result<Plan, Error> {
+    plan::build(&loaded.inputs(vmid, others), phase).map_err(|source| Error::Plan {
+        path: loaded.profile.path.clone(),
+        source,
+    })
+}
+
+fn execute<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    state: State,
+    vmid: u32,
+    phase: Phase,
+    plan: &Plan,
+) -> Result<String, Error> {
+    for skip in &plan.skipped {
+        log::warn!(
+            "VM {vmid} {phase}: {} skipped: {}",
+            skip.tunable,
+            skip.reason
+        );
+    }
+    for note in &plan.notes {
+        log::info!("VM {vmid} {phase}: {note}");
+    }
+    let mut exec = Executor {
+        root: &env.root,
+        host,
+        store,
+        state,
+        vmid,
+    };
+    let applied = exec
+        .apply(&plan.steps)
+        .map_err(|source| Error::Apply { phase, source })?;
+    Ok(summary(vmid, phase, &applied, plan.skipped.len()))
+}
+
+fn summary(vmid: u32, phase: Phase, a: &Applied, skipped: usize) -> String {
+    let mut s = format!(
+        "pvetune: VM {vmid} {phase}: {} changed, {} already set",
+        a.changed, a.unchanged
+    );
+    if a.vanished > 0 {
+        s.push_str(&format!(", {} threads gone", a.vanished));
+    }
+    if skipped > 0 {
+        s.push_str(&format!(", {skipped} skipped (see warnings)"));
+    }
+    s
+}
+
+/// Whether the QEMU process pvetune recorded for the VM is still the one running.
+fn process_alive(env: &Env, rec: Option<&VmRecord>) -> bool {
+    match rec.and_then(|r| r.pid.zip(r.start_time)) {
+        Some((pid, start)) => vm::process_start_time(env.root.base(), pid) == Some(start),
+        None => false,
+    }
+}
+
+/// Rolls back every VM the ledger holds that is not running any more (and is not starting:
+/// qemu-server holds its config lock then). `current` is the VM whose hook runs now; it is
+/// handled by the phase itself.
+pub fn reconcile<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    mut state: State,
+    current: u32,
+) -> Result<State, Error> {
+    for vmid in state.held_vms() {
+        if vmid == current {
+            continue;
+        }
+        let alive =
+            process_alive(env, state.vms.get(&vmid)) || state::config_lock_held(&env.root, vmid);
+        if !alive {
+            log::warn!(
+                "VM {vmid} no longer runs but pvetune still held changes for it: rolling them back"
+            );
+            state = rollback_vm(env, host, store, state, vmid)?.0;
+        }
+    }
+    Ok(state)
+}
+
+/// Undoes everything held for one VM.
+pub fn rollback_vm<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    state: State,
+    vmid: u32,
+) -> Result<(State, Applied), Error> {
+    let alive = process_alive(env, state.vms.get(&vmid));
+    let pins = state.vms.get(&vmid).map_or(0, |r| r.pins.len());
+    let claims = state
+        .claims
+        .values()
+        .filter(|c| c.holders.iter().any(|h| h.vmid == vmid))
+        .count();
+    let mut exec = Executor {
+        root: &env.root,
+        host,
+        store,
+        state,
+        vmid,
+    };
+    let errors = exec.rollback(alive);
+    if !errors.is_empty() {
+        return Err(Error::Rollback {
+            vmid,
+            errors: errors.iter().map(ToString::to_string).collect(),
+        });
+    }
+    let applied = Applied {
+        changed: claims + if alive { pins } else { 0 },
+        ..Applied::default()
+    };
+    Ok((exec.state, applied))
+}
+
+/// The dry run of one phase, as `target: before -> after` lines. Reads only.
+pub fn render_plan<H: Host>(
+    env: &Env,
+    host: &H,
+    vmid: u32,
+    phase: Phase,
+) -> Result<Vec<String>, Error> {
+    let store = Store::new(&env.root);
+    let state = store.load()?;
+    let mut out = vec![format!("{phase}:")];
+    let plan = if phase == Phase::PostStop {
+        undo_plan(&state, vmid)
+    } else {
+        let Some(loaded) = load(env, vmid, true)? else {
+            return Ok(vec![format!(
+                "VM {vmid} has no profile: pvetune does nothing for it"
+            )]);
+        };
+        let others = state.owned_by_others(vmid);
+        plan_for(&loaded, vmid, &others, phase)?
+    };
+    for step in &plan.steps {
+        let before = match &step.action {
+            Action::Write { path, .. } => host
+                .read(&env.root.path(path))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|e| format!("<unreadable: {e}>")),
+            Action::Pin { thread, .. } => match thread.tid {
+                Some(tid) => host
+                    .get_affinity(tid)
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|e| format!("<{e}>")),
+                None => "-".to_string(),
+            },
+        };
+        let after = step.action.after();
+        let same = same_value(&before, &after);
+        let mark = if same { " (unchanged)" } else { "" };
+        out.push(format!(
+            "  {}: {before} -> {}{mark}",
+            step.action,
+            after.trim()
+        ));
+    }
+    for skip in &plan.skipped {
+        out.push(format!("  skip {}: {}", skip.tunable, skip.reason));
+    }
+    for note in &plan.notes {
+        out.push(format!("  note: {note}"));
+    }
+    if plan.steps.is_empty() && plan.skipped.is_empty() && plan.notes.is_empty() {
+        out.push("  nothing to do".into());
+    }
+    Ok(out)
+}
+
+/// What post-stop would do: the undo of the ledger's entries for the VM.
+fn undo_plan(state: &State, vmid: u32) -> Plan {
+    let mut plan = Plan::default();
+    for (path, claim) in &state.claims {
+        if claim.holders.iter().any(|h| h.vmid == vmid) {
+            let mut rest = claim.clone();
+            rest.holders.retain(|h| h.vmid != vmid);
+            plan.steps.push(Step {
+                tunable: "restore",
+                action: Action::Write {
+                    path: path.clone(),
+                    value: rest.effective().to_string(),
+                },
+            });
+            if !rest.holders.is_empty() {
+                let who: Vec<String> = rest.holders.iter().map(|h| h.vmid.to_string()).collect();
+                plan.notes
+                    .push(format!("{path} stays claimed by VM {}", who.join(", ")));
+            }
+        }
+    }
+    if let Some(rec) = state.vms.get(&vmid) {
+        for pin in &rec.pins {
+            plan.steps.push(Step {
+                tunable: "restore",
+                action: Action::Pin {
+                    thread: ThreadRef {
+                        pid: rec.pid,
+                        tid: Some(pin.tid),
+                        label: pin.label.clone(),
+                    },
+                    cpus: pin.old.clone(),
+                },
+            });
+        }
+    }
+    plan
+}
+
+/// `pvetune status`: what the ledger holds.
+pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
+    let state = Store::new(&env.root).load()?;
+    let mut out = Vec::new();
+    if state.is_empty() {
+        out.push("pvetune holds nothing on this node".into());
+        return Ok(out);
+    }
+    for vmid in state
+        .held_vms()
+        .into_iter()
+        .filter(|v| only.is_none_or(|o| o == *v))
+    {
+        let rec = state.vms.get(&vmid);
+        let proc_state = match rec.and_then(|r| r.pid) {
+            Some(pid) if process_alive(env, rec) => format!("running (pid {pid})"),
+            Some(pid) => {
+                format!("gone (pid {pid}): the next hook or 'pvetune rollback {vmid}' undoes it")
+            }
+            None => "starting".to_string(),
+        };
+        out.push(format!("VM {vmid}: {proc_state}"));
+        if let Some(rec) = rec {
+            out.push(format!("  cpus {} (last phase {})", rec.cpus, rec.phase));
+            for pin in &rec.pins {
+                out.push(format!(
+                    "  thread {} ({}): {} (was {})",
+                    pin.tid, pin.label, pin.new, pin.old
+                ));
+            }
+        }
+        for (path, claim) in &state.claims {
+            if let Some(h) = claim.holders.iter().find(|h| h.vmid == vmid) {
+                out.push(format!(
+                    "  {path}: {} (original {})",
+                    h.value.trim(),
+                    claim.original.trim()
+                ));
+            }
+        }
+    }
+    if only.is_none() {
+        out.push("node-wide claims:".into());
+        for (path, claim) in &state.claims {
+            let holders: Vec<String> = claim
+                .holders
+                .iter()
+                .map(|h| format!("VM {}={}", h.vmid, h.value.trim()))
+                .collect();
+            out.push(format!(
+                "  {path}: {} -> {} ({})",
+                claim.original.trim(),
+                claim.effective().trim(),
+                holders.join(", ")
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `pvetune rollback <vmid>`: undo now, under the node lock.
+pub fn rollback_command<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<String, Error> {
+    let store = Store::new(&env.root);
+    let _lock = store.lock()?;
+    let state = store.load()?;
+    if !state.held_vms().contains(&vmid) {
+        return Ok(format!("pvetune: VM {vmid}: nothing held"));
+    }
+    let (_, applied) = rollback_vm(env, host, &store, state, vmid)?;
+    Ok(summary(vmid, Phase::PostStop, &applied, 0).replace("post-stop", "rollback"))
+}
+
+/// `pvetune check <vmid>`: everything pre-start and post-start would refuse, without changes.
+pub fn check(env: &Env, vmid: u32) -> Result<String, Error> {
+    let state = Store::new(&env.root).load()?;
+    let Some(loaded) = load(env, vmid, false)? else {
+        return Ok(format!(
+            "VM {vmid}: no profile, pvetune does nothing for it"
+        ));
+    };
+    let others = state.owned_by_others(vmid);
+    plan::validate(&loaded.inputs(vmid, &others)).map_err(|source| Error::Plan {
+        path: loaded.profile.path.clone(),
+        source,
+    })?;
+    Ok(format!(
+        "VM {vmid}: {} is valid on this host",
+        loaded.profile.path.display()
+    ))
+}

@@ -1,0 +1,95 @@
+//! `Host`: the one seam through which pvetune changes anything.
+//!
+//! Every write to a kernel file and every thread affinity goes through this trait: the real
+//! implementation does the syscalls, tests wrap it in [`FailAt`] to make the Nth mutation fail
+//! and prove that a phase that fails halfway leaves nothing behind.
+
+use crate::cpuset::CpuSet;
+use std::cell::Cell;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
+
+pub trait Host {
+    /// Reads a whole kernel file.
+    fn read(&self, path: &Path) -> io::Result<String>;
+    /// Writes a kernel attribute in a single write; never creates a file, so a misspelled
+    /// attribute is an error instead of a stray file.
+    fn write(&self, path: &Path, value: &str) -> io::Result<()>;
+    fn get_affinity(&self, tid: i32) -> io::Result<CpuSet>;
+    fn set_affinity(&self, tid: i32, cpus: &CpuSet) -> io::Result<()>;
+}
+
+/// The real machine (under whatever root the paths were mapped with).
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn read(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        let mut file = OpenOptions::new().write(true).truncate(true).open(path)?;
+        file.write_all(value.as_bytes())
+    }
+
+    fn get_affinity(&self, tid: i32) -> io::Result<CpuSet> {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(tid))?;
+        let max = nix::sched::CpuSet::count() as u32;
+        Ok((0..max)
+            .filter(|&cpu| set.is_set(cpu as usize).unwrap_or(false))
+            .collect())
+    }
+
+    fn set_affinity(&self, tid: i32, cpus: &CpuSet) -> io::Result<()> {
+        let mut set = nix::sched::CpuSet::new();
+        for cpu in cpus.iter() {
+            set.set(cpu as usize)?;
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)?;
+        Ok(())
+    }
+}
+
+/// Test double: passes everything to `inner`, but the `fail_at`-th mutation (1-based) fails
+/// with EIO, as a kernel that refuses a value would.
+pub struct FailAt<H: Host> {
+    pub inner: H,
+    pub fail_at: usize,
+    count: Cell<usize>,
+}
+
+impl<H: Host> FailAt<H> {
+    pub fn new(inner: H, fail_at: usize) -> Self {
+        FailAt {
+            inner,
+            fail_at,
+            count: Cell::new(0),
+        }
+    }
+
+    fn tick(&self) -> io::Result<()> {
+        self.count.set(self.count.get() + 1);
+        if self.count.get() == self.fail_at {
+            return Err(io::Error::from_raw_os_error(nix::libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+impl<H: Host> Host for FailAt<H> {
+    fn read(&self, path: &Path) -> io::Result<String> {
+        self.inner.read(path)
+    }
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        self.tick()?;
+        self.inner.write(path, value)
+    }
+    fn get_affinity(&self, tid: i32) -> io::Result<CpuSet> {
+        self.inner.get_affinity(tid)
+    }
+    fn set_affinity(&self, tid: i32, cpus: &CpuSet) -> io::Result<()> {
+        self.tick()?;
+        self.inner.set_affinity(tid, cpus)
+    }
+}

@@ -1,0 +1,220 @@
+//! The plan: what a phase would change, as data.
+//!
+//! [`build`] is a pure function of the profile, the host's topology and facts, the VM's config
+//! and its running threads. It returns primitive actions (write a kernel file, set a thread's
+//! affinity); `pvetune plan` prints them and the hook executes them. Nothing below the command
+//! line knows whether it is a dry run.
+
+use crate::cpuset::CpuSet;
+use crate::facts::HostFacts;
+use crate::profile::{Located, Profile};
+use crate::topology::Topology;
+use crate::tunables;
+use crate::vm::RunningVm;
+use crate::vmconfig::VmConfig;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// The hookscript phases, as qemu-server names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    PreStart,
+    PostStart,
+    PreStop,
+    PostStop,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::PreStart,
+        Phase::PostStart,
+        Phase::PreStop,
+        Phase::PostStop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::PreStart => "pre-start",
+            Phase::PostStart => "post-start",
+            Phase::PreStop => "pre-stop",
+            Phase::PostStop => "post-stop",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown phase '{s}': expected pre-start, post-start, pre-stop or post-stop"
+                )
+            })
+    }
+}
+
+/// A thread of the VM's QEMU process. `tid` is `None` when the VM is not running and the plan
+/// only shows what would happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadRef {
+    pub pid: Option<i32>,
+    pub tid: Option<i32>,
+    pub label: String,
+}
+
+/// One primitive change. Apply and undo are written once per variant (see `exec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write a kernel file (host-absolute path). Host-wide, so it is a claim: see `state`.
+    Write { path: String, value: String },
+    /// Set a thread's CPU affinity.
+    Pin { thread: ThreadRef, cpus: CpuSet },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub tunable: &'static str,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub tunable: &'static str,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub skipped: Vec<Skip>,
+    pub notes: Vec<String>,
+}
+
+/// A profile that cannot work on this host or for this VM, with the place in the profile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct PlanError {
+    pub key: &'static str,
+    pub line: u32,
+    pub column: u32,
+    pub message: String,
+}
+
+impl PlanError {
+    pub fn at<T>(key: &'static str, place: &Located<T>, message: impl Into<String>) -> Self {
+        PlanError {
+            key,
+            line: place.line,
+            column: place.column,
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything the planner may look at.
+pub struct Inputs<'a> {
+    pub vmid: u32,
+    pub profile: &'a Profile,
+    pub topology: &'a Topology,
+    pub facts: &'a HostFacts,
+    pub config: &'a VmConfig,
+    pub running: Option<&'a RunningVm>,
+    /// CPUs owned by other VMs that pvetune holds as running.
+    pub others: &'a BTreeMap<u32, CpuSet>,
+}
+
+/// Checks the profile against the host and the VM; shared by `check` and every phase.
+pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
+    let cpus = &inp.profile.cpus;
+    let missing = cpus.value.difference(&inp.topology.online);
+    if !missing.is_empty() {
+        return Err(PlanError::at(
+            "cpus",
+            cpus,
+            format!(
+                "CPU {missing} does not exist or is offline on this host (online: {})",
+                inp.topology.online
+            ),
+        ));
+    }
+    for (other, owned) in inp.others {
+        let shared = owned.intersection(&cpus.value);
+        if *other != inp.vmid && !shared.is_empty() {
+            return Err(PlanError::at(
+                "cpus",
+                cpus,
+                format!("CPU {shared} is already owned by running VM {other}"),
+            ));
+        }
+    }
+    tunables::pinning::validate(inp)?;
+    tunables::governor::validate(inp)?;
+    tunables::sysctl::validate(inp)?;
+    Ok(())
+}
+
+/// The plan of one phase. Post-stop is not built here: it is the undo of what the ledger holds.
+pub fn build(inp: &Inputs, phase: Phase) -> Result<Plan, PlanError> {
+    validate(inp)?;
+    let mut plan = Plan::default();
+    match phase {
+        Phase::PreStart => plan
+            .notes
+            .push("pre-start: profile validated; nothing to change before QEMU starts".into()),
+        Phase::PreStop => plan
+            .notes
+            .push("pre-stop: nothing to do (undo runs in post-stop, which also runs when the guest powers off)".into()),
+        Phase::PostStop => {}
+        Phase::PostStart => {
+            if inp.config.lock.as_deref() == Some("backup") {
+                plan.skipped.push(Skip {
+                    tunable: "all",
+                    reason: "VM started paused for a backup (lock: backup): no isolation".into(),
+                });
+                return Ok(plan);
+            }
+            tunables::pinning::plan(inp, &mut plan)?;
+            tunables::governor::plan(inp, &mut plan);
+            tunables::sysctl::plan(inp, &mut plan);
+        }
+    }
+    Ok(plan)
+}
+
+impl fmt::Display for ThreadRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.tid {
+            Some(tid) => write!(f, "thread {tid} ({})", self.label),
+            None => write!(f, "{} (not running)", self.label),
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Write { path, .. } => f.write_str(path),
+            Action::Pin { thread, .. } => write!(f, "{thread}"),
+        }
+    }
+}
+
+impl Action {
+    /// The new value as printed in `target: before -> after`.
+    pub fn after(&self) -> String {
+        match self {
+            Action::Write { value, .. } => value.clone(),
+            Action::Pin { cpus, .. } => cpus.to_string(),
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! Per-VM profiles: finding the file, refusing unsafe ones, parsing YAML, validating meaning.
+//!
+//! Three steps, two error kinds (as cloud-hypervisor does): YAML syntax and unknown keys are
+//! [`ProfileError::Syntax`]; a well-formed value that means nothing on this host (a CPU that is
+//! not online, an unknown sysctl) is [`ProfileError::Invalid`]. Both carry file, line and
+//! column. All YAML parsing of pvetune lives in this module.
+
+use crate::cpuset::CpuSet;
+use crate::root::{Root, paths};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A validated profile, still independent of the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub path: PathBuf,
+    /// Host CPUs this VM owns exclusively while it runs.
+    pub cpus: Located<CpuSet>,
+    pub vcpus: Located<VcpuLayout>,
+    pub emulator: Located<Placement>,
+    pub iothreads: Located<Placement>,
+    pub governor: Option<Located<String>>,
+    /// `key` (dotted sysctl name) -> value, in file order of keys (sorted).
+    pub sysctl: Vec<(String, Located<String>)>,
+}
+
+/// A value with the place in the profile it came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub line: u32,
+    pub column: u32,
+}
+
+/// How vCPU i is mapped to a host CPU of `cpus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuLayout {
+    /// Sibling pairs when the guest has SMT, else one vCPU per physical core first.
+    Auto,
+    /// vCPU i -> the i-th CPU of `cpus` in ascending order.
+    Sequential,
+    /// Guest sibling threads on host sibling threads (guest core k -> host core k).
+    SmtPairs,
+    /// One vCPU per host core (first thread) before any sibling thread is used.
+    CoresFirst,
+    /// vCPU i -> list[i].
+    Explicit(Vec<u32>),
+}
+
+/// Where emulator threads or iothreads go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Online CPUs that are not isolated and that no VM owns.
+    Housekeeping,
+    /// The VM's own `cpus` (shares them with the vCPUs).
+    VmCpus,
+    Cpus(CpuSet),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{path}: cannot read profile: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: refused: {reason} (a profile must be owned by root and writable by root only)"
+    )]
+    Unsafe { path: PathBuf, reason: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: u32,
+        column: u32,
+        message: String,
+    },
+    #[error("{path}:{line}:{column}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: u32,
+        column: u32,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
+/// profile using them is refused with a clear message instead of being half-applied.
+const PLANNED_KEYS: &[&str] = &["isolation", "irq", "kthreads", "hugepages", "pci-reset"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawProfile {
+    cpus: Spanned<String>,
+    vcpus: Option<Spanned<RawLayout>>,
+    emulator: Option<Spanned<String>>,
+    iothreads: Option<Spanned<String>>,
+    governor: Option<Spanned<String>>,
+    sysctl: Option<BTreeMap<String, Spanned<String>>>,
+}
+
+/// `vcpus:` is a mode word or a list of CPU numbers.
+enum RawLayout {
+    Mode(String),
+    List(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for RawLayout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawLayout;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("auto, sequential, smt-pairs, cores-first or a list of host CPUs")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLayout, E> {
+                Ok(RawLayout::Mode(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawLayout, A::Error> {
+                let mut list = Vec::new();
+                while let Some(cpu) = seq.next_element::<u32>()? {
+                    list.push(cpu);
+                }
+                Ok(RawLayout::List(list))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Where a VM's profile lives: `--profile`, else the cluster-wide pmxcfs copy, else the
+/// node-local one. `None`: this VM has no profile.
+pub fn locate(root: &Root, vmid: u32, explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    [paths::PVE_PROFILE_DIR, paths::NODE_PROFILE_DIR]
+        .iter()
+        .map(|dir| root.path(format!("{dir}/{vmid}.yaml")))
+        .find(|p| p.exists())
+}
+
+/// Reads, checks ownership of, parses and validates a profile file.
+pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+    check_owner(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Refuses a profile that a user other than root (or the invoking user, for fixture trees)
+/// could have written: pvetune runs it as root.
+fn check_owner(path: &Path) -> Result<(), ProfileError> {
+    let unsafe_ = |reason: String| ProfileError::Unsafe {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|source| ProfileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(unsafe_(format!("owned by uid {}", meta.uid())));
+    }
+    // pmxcfs files are root:www-data 0640: group-readable is fine, group-writable is not.
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_(format!(
+            "mode {:o} is writable by group or others",
+            meta.mode() & 0o7777
+        )));
+    }
+    if let Some(dir) = path.parent().and_then(|d| std::fs::metadata(d).ok()) {
+        let world_writable = dir.mode() & 0o002 != 0 && dir.mode() & 0o1000 == 0;
+        if world_writable || (dir.uid() != 0 && dir.uid() != me) {
+            return Err(unsafe_(
+                "its directory can be written by another user".to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses and validates profile text (no host knowledge needed).
+pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
+    let options = serde_saphyr::options! { strict_booleans: true };
+    let raw: RawProfile =
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| syntax(path, text, &e))?;
+    let invalid = |key, at: (u32, u32), message: String| ProfileError::Invalid {
+        path: path.to_path_buf(),
+        line: at.0,
+        column: at.1,
+        key,
+        message,
+    };
+    let cpus: CpuSet = raw
+        .cpus
+        .value
+        .parse()
+        .map_err(|e: crate::cpuset::CpuListError| invalid("cpus", at(&raw.cpus), e.to_string()))?;
+    if cpus.is_empty() {
+        return Err(invalid("cpus", at(&raw.cpus), "no CPUs given".into()));
+    }
+    let vcpus = match raw.vcpus {
+        None => located(VcpuLayout::Auto, (0, 0)),
+        Some(s) => {
+            let pos = at(&s);
+            let layout = match s.value {
+                RawLayout::List(list) => VcpuLayout::Explicit(list),
+                RawLayout::Mode(m) => match m.as_str() {
+                    "auto" => VcpuLayout::Auto,
+                    "sequential" => VcpuLayout::Sequential,
+                    "smt-pairs" => VcpuLayout::SmtPairs,
+                    "cores-first" => VcpuLayout::CoresFirst,
+                    other => {
+                        return Err(invalid(
+                            "vcpus",
+                            pos,
+                            format!(
+                                "'{other}': expected auto, sequential, smt-pairs, cores-first or a list of host CPUs"
+                            ),
+                        ));
+                    }
+                },
+            };
+            if let VcpuLayout::Explicit(list) = &layout {
+                let mut seen = CpuSet::new();
+                for &cpu in list {
+                    if !cpus.contains(cpu) {
+                        return Err(invalid(
+                            "vcpus",
+                            pos,
+                            format!("CPU {cpu} is not in cpus ({cpus})"),
+                        ));
+                    }
+                    if seen.contains(cpu) {
+                        return Err(invalid("vcpus", pos, format!("CPU {cpu} is listed twice")));
+                    }
+                    seen.insert(cpu);
+                }
+            }
+            located(layout, pos)
+        }
+    };
+    let placement = |key: &'static str, field: Option<Spanned<String>>| match field {
+        None => Ok(located(Placement::Housekeeping, (0, 0))),
+        Some(s) => {
+            let pos = at(&s);
+            let value = match s.value.as_str() {
+                "housekeeping" => Placement::Housekeeping,
+                "vm" => Placement::VmCpus,
+                list => {
+                    Placement::Cpus(list.parse().map_err(|e: crate::cpuset::CpuListError| {
+                        invalid(
+                            key,
+                            pos,
+                            format!("{e}; expected housekeeping, vm or a cpulist"),
+                        )
+                    })?)
+                }
+            };
+            Ok(located(value, pos))
+        }
+    };
+    let emulator = placement("emulator", raw.emulator)?;
+    let iothreads = placement("iothreads", raw.iothreads)?;
+    let governor = match raw.governor {
+        None => None,
+        Some(g) => {
+            let ok = !g.value.is_empty()
+                && g.value.len() <= 15
+                && g.value
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit());
+            if !ok {
+                return Err(invalid(
+                    "governor",
+                    at(&g),
+                    format!("'{}' is not a cpufreq governor name", g.value),
+                ));
+            }
+            Some(located(g.value.clone(), at(&g)))
+        }
+    };
+    let mut sysctl = Vec::new();
+    for (name, value) in raw.sysctl.unwrap_or_default() {
+        let pos = at(&value);
+        if !valid_sysctl_name(&name) {
+            return Err(invalid(
+                "sysctl",
+                pos,
+                format!("'{name}' is not a sysctl name (dotted words such as vm.stat_interval)"),
+            ));
+        }
+        if value.value.is_empty() || value.value.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "sysctl",
+                pos,
+                format!("value of {name} must be one line of text"),
+            ));
+        }
+        sysctl.push((name, located(value.value.clone(), pos)));
+    }
+    Ok(Profile {
+        path: path.to_path_buf(),
+        cpus: located(cpus, at(&raw.cpus)),
+        vcpus,
+        emulator,
+        iothreads,
+        governor,
+        sysctl,
+    })
+}
+
+/// A sysctl name becomes a path under /proc/sys: dotted words of `[A-Za-z0-9_-]`, nothing
+/// that could climb out (`..`, `/`).
+pub fn valid_sysctl_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() >= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+}
+
+/// The host file of a sysctl name (`vm.stat_interval` -> `/proc/sys/vm/stat_interval`).
+pub fn sysctl_path(name: &str) -> String {
+    format!("{}/{}", paths::PROC_SYS, name.replace('.', "/"))
+}
+
+fn at<T>(s: &Spanned<T>) -> (u32, u32) {
+    (s.referenced.line() as u32, s.referenced.column() as u32)
+}
+
+fn located<T>(value: T, (line, column): (u32, u32)) -> Located<T> {
+    Located {
+        value,
+        line,
+        column,
+    }
+}
+
+fn syntax(path: &Path, text: &str, e: &serde_saphyr::Error) -> ProfileError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line() as u32, l.column() as u32))
+        .unwrap_or((1, 1));
+    let mut message = e.without_snippet().to_string();
+    if let Some(cut) = message.rfind(" at line ") {
+        message.truncate(cut);
+    }
+    if let Some(key) = PLANNED_KEYS
+        .iter()
+        .find(|k| message.contains(&format!("`{k}`")))
+    {
+        message = format!(
+            "'{key}' is part of the profile schema but not supported by this pvetune version yet"
+        );
+    }
+    if text.trim().is_empty() {
+        message = "empty profile: at least 'cpus' is required".into();
+    }
+    ProfileError::Syntax {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Profile, ProfileError> {
+        parse(Path::new("100.yaml"), text)
+    }
+
+    #[test]
+    fn full_profile() {
+        let prof = p("cpus: 6-11,18-23\nvcpus: smt-pairs\nemulator: 0-1\niothreads: vm\ngovernor: performance\nsysctl: { vm.stat_interval: 120 }\n").unwrap();
+        assert_eq!(prof.cpus.value.to_string(), "6-11,18-23");
+        assert_eq!(prof.vcpus.value, VcpuLayout::SmtPairs);
+        assert_eq!(prof.emulator.value, Placement::Cpus(CpuSet::range(0, 1)));
+        assert_eq!(prof.iothreads.value, Placement::VmCpus);
+        assert_eq!(prof.governor.unwrap().value, "performance");
+        assert_eq!(prof.sysctl[0].0, "vm.stat_interval");
+        assert_eq!(prof.sysctl[0].1.value, "120");
+        assert_eq!(prof.sysctl[0].1.line, 6);
+    }
+
+    #[test]
+    fn defaults() {
+        let prof = p("cpus: 4\n").unwrap();
+        assert_eq!(prof.vcpus.value, VcpuLayout::Auto);
+        assert_eq!(prof.emulator.value, Placement::Housekeeping);
+        assert_eq!(prof.cpus.value, CpuSet::range(4, 4));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err = p("cpus: 4-7\ngovernr: performance\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("100.yaml:2:1: unknown field `governr`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_place() {
+        let err = p("cpus: 4-7\nvcpus: [4, 9]\n").unwrap_err().to_string();
+        assert_eq!(err, "100.yaml:2:8: vcpus: CPU 9 is not in cpus (4-7)");
+        let err = p("cpus: 7-4\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("100.yaml:1:7: cpus: invalid cpulist '7-4'"),
+            "{err}"
+        );
+        let err = p("cpus: 1\nsysctl:\n  ../../etc/x: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("100.yaml:3:"), "{err}");
+        let err = p("cpus: 1\nhugepages: 1G\n").unwrap_err().to_string();
+        assert!(
+            err.contains("'hugepages' is part of the profile schema"),
+            "{err}"
+        );
+        let err = p("").unwrap_err().to_string();
+        assert!(err.contains("empty profile"), "{err}");
+    }
+
+    #[test]
+    fn sysctl_names() {
+        assert!(valid_sysctl_name("vm.stat_interval"));
+        assert!(valid_sysctl_name("net.ipv4.conf.all.rp_filter"));
+        assert!(!valid_sysctl_name("vm"));
+        assert!(!valid_sysctl_name("vm..x"));
+        assert!(!valid_sysctl_name("vm/../x.y"));
+        assert_eq!(
+            sysctl_path("vm.stat_interval"),
+            "/proc/sys/vm/stat_interval"
+        );
+    }
+}

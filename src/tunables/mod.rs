@@ -1,0 +1,7 @@
+//! Tunables: each turns its part of the profile into primitive actions, and validates it.
+//!
+//! They say *what*; `exec` says *how*, once per primitive.
+
+pub mod governor;
+pub mod pinning;
+pub mod sysctl;
