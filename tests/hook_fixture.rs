@@ -21,12 +21,27 @@ fn plan_on_ryzen_pairs_guest_siblings_with_host_siblings() {
     // Guest core k (vCPUs 2k, 2k+1) -> host core 6+k (CPUs 6+k and 18+k): the seed's
     // libvirt layout, derived from sysfs instead of a hard-coded table.
     for (vcpu, cpu) in [(0, 6), (1, 18), (2, 7), (3, 19), (10, 11), (11, 23)] {
-        assert!(l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()), "{text}");
+        assert!(
+            l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()),
+            "{text}"
+        );
     }
-    assert!(l.contains(&"emulator threads (not running): - -> 0-5,12-17"), "{text}");
-    assert!(l.contains(&"iothreads (not running): - -> 0-5,12-17"), "{text}");
-    assert!(l.contains(&"/proc/sys/vm/stat_interval: 1 -> 120"), "{text}");
-    let governors = l.iter().filter(|s| s.contains("scaling_governor: schedutil -> performance")).count();
+    assert!(
+        l.contains(&"emulator threads (not running): - -> 0-5,12-17"),
+        "{text}"
+    );
+    assert!(
+        l.contains(&"iothreads (not running): - -> 0-5,12-17"),
+        "{text}"
+    );
+    assert!(
+        l.contains(&"/proc/sys/vm/stat_interval: 1 -> 120"),
+        "{text}"
+    );
+    let governors = l
+        .iter()
+        .filter(|s| s.contains("scaling_governor: schedutil -> performance"))
+        .count();
     assert_eq!(governors, 12, "{text}");
 }
 
@@ -38,12 +53,23 @@ fn plan_on_xeon_puts_one_vcpu_per_core_on_node_1() {
     let text = stdout(&out);
     let l = lines(&text);
     for vcpu in 0..8 {
-        assert!(l.contains(&format!("vCPU {vcpu} (not running): - -> {}", 8 + vcpu).as_str()), "{text}");
+        assert!(
+            l.contains(&format!("vCPU {vcpu} (not running): - -> {}", 8 + vcpu).as_str()),
+            "{text}"
+        );
     }
     assert!(l.contains(&"iothreads (not running): - -> 24-31"), "{text}");
-    assert!(l.contains(&"emulator threads (not running): - -> 0-7,16-23"), "{text}");
+    assert!(
+        l.contains(&"emulator threads (not running): - -> 0-7,16-23"),
+        "{text}"
+    );
     // intel_pstate: one policy per CPU.
-    assert!(l.contains(&"/sys/devices/system/cpu/cpufreq/policy8/scaling_governor: powersave -> performance"), "{text}");
+    assert!(
+        l.contains(
+            &"/sys/devices/system/cpu/cpufreq/policy8/scaling_governor: powersave -> performance"
+        ),
+        "{text}"
+    );
 }
 
 #[test]
@@ -54,10 +80,16 @@ fn plan_on_hybrid_keeps_p_core_pairs() {
     let text = stdout(&out);
     let l = lines(&text);
     for (vcpu, cpu) in [(0, 8), (1, 9), (2, 10), (7, 15)] {
-        assert!(l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()), "{text}");
+        assert!(
+            l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()),
+            "{text}"
+        );
     }
     // Housekeeping: the other P-cores and the E-cores.
-    assert!(l.contains(&"emulator threads (not running): - -> 0-7,16-19"), "{text}");
+    assert!(
+        l.contains(&"emulator threads (not running): - -> 0-7,16-19"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -66,8 +98,14 @@ fn plan_without_cpufreq_says_the_governor_is_skipped() {
     let out = pvetune(&host, &["plan", "400"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("skip governor: no cpufreq on CPU 4-7"), "{text}");
-    assert!(text.contains("pre-start:") && text.contains("post-start:"), "{text}");
+    assert!(
+        text.contains("skip governor: no cpufreq on CPU 4-7"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pre-start:") && text.contains("post-start:"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -79,15 +117,26 @@ fn plan_writes_nothing() {
         assert!(out.status.success(), "{phase}: {}", stderr(&out));
     }
     assert_eq!(snapshot(&root.path), before);
-    assert!(!root.path.join("run").exists(), "plan created its state directory");
+    assert!(
+        !root.path.join("run").exists(),
+        "plan created its state directory"
+    );
 }
 
 #[test]
 fn cpu_not_on_host_is_refused_with_its_line_and_nothing_changes() {
     let root = host_copy("ryzen-5900x");
-    write(&root.path, "/etc/pve/pvetune/100.yaml", "# comment\ncpus: 20-31\n");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/100.yaml",
+        "# comment\ncpus: 20-31\n",
+    );
     let before = snapshot(&root.path);
-    for args in [&["100", "pre-start"][..], &["check", "100"], &["plan", "100"]] {
+    for args in [
+        &["100", "pre-start"][..],
+        &["check", "100"],
+        &["plan", "100"],
+    ] {
         let out = pvetune(&root.path, args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = stderr(&out);
@@ -100,24 +149,48 @@ fn cpu_not_on_host_is_refused_with_its_line_and_nothing_changes() {
 fn bad_input_is_refused_before_anything_changes() {
     let root = host_copy("ryzen-5900x");
     let before = snapshot(&root.path);
-    write(&root.path, "/etc/pve/pvetune/100.yaml", "cpus: 6-11\ngovernor: performance\npinning: yes\n");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/100.yaml",
+        "cpus: 6-11\ngovernor: performance\npinning: yes\n",
+    );
     let out = pvetune(&root.path, &["100", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("100.yaml:3:1: unknown field `pinning`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("100.yaml:3:1: unknown field `pinning`"),
+        "{}",
+        stderr(&out)
+    );
 
-    write(&root.path, "/etc/pve/pvetune/100.yaml", "cpus: 6-11\ngovernor: turbo\n");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/100.yaml",
+        "cpus: 6-11\ngovernor: turbo\n",
+    );
     let out = pvetune(&root.path, &["100", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("100.yaml:2:11: governor: 'turbo' is not available on CPU 6"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("100.yaml:2:11: governor: 'turbo' is not available on CPU 6"),
+        "{}",
+        stderr(&out)
+    );
 
-    write(&root.path, "/etc/pve/pvetune/100.yaml", "cpus: 6-11\nsysctl:\n  vm.no_such_knob: 1\n");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/100.yaml",
+        "cpus: 6-11\nsysctl:\n  vm.no_such_knob: 1\n",
+    );
     let out = pvetune(&root.path, &["100", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("no such sysctl"), "{}", stderr(&out));
 
     let out = pvetune(&root.path, &["100", "started"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("unknown phase 'started'"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown phase 'started'"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = pvetune(&root.path, &["../100", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
@@ -139,7 +212,11 @@ fn profile_writable_by_others_is_refused() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = pvetune(&root.path, &["100", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("refused: mode 666 is writable by group or others"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused: mode 666 is writable by group or others"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -185,10 +262,22 @@ fn apply_then_rollback_leaves_the_tree_byte_identical() {
     assert_eq!(read(&root.path, GOV6), "performance\n");
     assert_eq!(read(&root.path, STAT), "120\n");
     let status = stdout(&pvetune(&root.path, &["status"]));
-    assert!(status.contains(&format!("VM 100: running (pid {})", vm.pid)), "{status}");
-    assert!(status.contains("/proc/sys/vm/stat_interval: 1 -> 120 (VM 100=120)"), "{status}");
-    let plan = stdout(&pvetune(&root.path, &["plan", "100", "--phase", "post-stop"]));
-    assert!(plan.contains("/proc/sys/vm/stat_interval: 120 -> 1"), "{plan}");
+    assert!(
+        status.contains(&format!("VM 100: running (pid {})", vm.pid)),
+        "{status}"
+    );
+    assert!(
+        status.contains("/proc/sys/vm/stat_interval: 1 -> 120 (VM 100=120)"),
+        "{status}"
+    );
+    let plan = stdout(&pvetune(
+        &root.path,
+        &["plan", "100", "--phase", "post-stop"],
+    ));
+    assert!(
+        plan.contains("/proc/sys/vm/stat_interval: 120 -> 1"),
+        "{plan}"
+    );
     stop(&root.path, 100, &mut vm);
     assert_eq!(snapshot(&root.path), before);
     assert!(!root.path.join("run/pvetune/state.json").exists());
@@ -205,7 +294,10 @@ fn emulator_thread_of_the_running_vm_is_pinned_and_restored() {
     let out = pvetune(&root.path, &["100", "post-start"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let pinned = affinity(vm.pid);
-    assert!(pinned.split(',').all(|r| !r.contains("6")), "pinned to {pinned}");
+    assert!(
+        pinned.split(',').all(|r| !r.contains("6")),
+        "pinned to {pinned}"
+    );
     let out = pvetune(&root.path, &["100", "post-stop"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(affinity(vm.pid), original);
@@ -230,14 +322,22 @@ fn failure_in_the_middle_of_post_start_undoes_that_phase() {
     let _vm = FakeVm::start(&root.path, 100);
     // The last governor policy of the VM's CPUs cannot be written (a directory where the
     // attribute should be): the 11 governors before it and the pins must be undone.
-    let last = root.path.join("sys/devices/system/cpu/cpufreq/policy23/scaling_governor");
+    let last = root
+        .path
+        .join("sys/devices/system/cpu/cpufreq/policy23/scaling_governor");
     std::fs::remove_file(&last).unwrap();
     std::fs::create_dir(&last).unwrap();
     let out = pvetune(&root.path, &["100", "post-start"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("post-start failed") && err.contains("policy23/scaling_governor"), "{err}");
-    assert!(err.contains("every change of this phase was undone"), "{err}");
+    assert!(
+        err.contains("post-start failed") && err.contains("policy23/scaling_governor"),
+        "{err}"
+    );
+    assert!(
+        err.contains("every change of this phase was undone"),
+        "{err}"
+    );
     std::fs::remove_dir(&last).unwrap();
     std::fs::write(&last, "schedutil\n").unwrap();
     assert_eq!(snapshot(&root.path), before);
@@ -251,10 +351,18 @@ fn crashed_vm_is_rolled_back_by_the_next_hook() {
     assert_eq!(read(&root.path, STAT), "120\n");
     vm.kill(); // no post-stop: QEMU crashed, or the node's qmeventd missed it
     write(&root.path, "/etc/pve/pvetune/102.yaml", "cpus: 0-1\n");
-    write(&root.path, "/etc/pve/qemu-server/102.conf", "cores: 2\nmemory: 512\n");
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/102.conf",
+        "cores: 2\nmemory: 512\n",
+    );
     let out = pvetune(&root.path, &["102", "pre-start"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("VM 100 no longer runs"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("VM 100 no longer runs"),
+        "{}",
+        stderr(&out)
+    );
     let mut after = snapshot(&root.path);
     for f in ["etc/pve/pvetune/102.yaml", "etc/pve/qemu-server/102.conf"] {
         after.remove(f);
@@ -278,29 +386,53 @@ fn overlapping_cpus_of_a_running_vm_are_refused() {
     let root = host_copy("ryzen-5900x");
     let _vm = start(&root.path, 100);
     write(&root.path, "/etc/pve/pvetune/102.yaml", "cpus: 10-13\n");
-    write(&root.path, "/etc/pve/qemu-server/102.conf", "cores: 2\nmemory: 512\n");
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/102.conf",
+        "cores: 2\nmemory: 512\n",
+    );
     let out = pvetune(&root.path, &["102", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("CPU 10-11 is already owned by running VM 100"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("CPU 10-11 is already owned by running VM 100"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Two VMs claim the same sysctl; each order of stopping ends with the original value.
 fn shared_sysctl(stop_first: u32) {
     let root = host_copy("ryzen-5900x");
     let before = snapshot(&root.path);
-    write(&root.path, "/etc/pve/pvetune/102.yaml", "cpus: 4-5\nsysctl:\n  vm.stat_interval: 60\n");
-    write(&root.path, "/etc/pve/qemu-server/102.conf", "cores: 2\nmemory: 512\n");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/102.yaml",
+        "cpus: 4-5\nsysctl:\n  vm.stat_interval: 60\n",
+    );
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/102.conf",
+        "cores: 2\nmemory: 512\n",
+    );
     let mut a = start(&root.path, 100);
     assert_eq!(read(&root.path, STAT), "120\n");
     let mut b = start(&root.path, 102);
     assert_eq!(read(&root.path, STAT), "60\n");
     if stop_first == 100 {
         stop(&root.path, 100, &mut a);
-        assert_eq!(read(&root.path, STAT), "60\n", "VM 102 still needs its value");
+        assert_eq!(
+            read(&root.path, STAT),
+            "60\n",
+            "VM 102 still needs its value"
+        );
         stop(&root.path, 102, &mut b);
     } else {
         stop(&root.path, 102, &mut b);
-        assert_eq!(read(&root.path, STAT), "120\n", "VM 100 still needs its value");
+        assert_eq!(
+            read(&root.path, STAT),
+            "120\n",
+            "VM 100 still needs its value"
+        );
         stop(&root.path, 100, &mut a);
     }
     let mut after = snapshot(&root.path);

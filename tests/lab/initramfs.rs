@@ -24,6 +24,8 @@ pub enum Payload<'a> {
     RootDisk { modules: &'a Path },
 }
 
+const QEMU_TCG_MODULE: &str = "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so";
+
 /// Firmware QEMU loads for `-machine q35 -nodefaults`, each copied to the path it has on the
 /// host: Debian's QEMU searches `/usr/share/qemu` and `/usr/share/seabios` (its firmware path).
 const QEMU_FIRMWARE: &[&str] = &[
@@ -55,6 +57,11 @@ pub fn build(busybox_pkg: &Path, payload: Payload, out: &Path, workdir: &Path) -
             let qemu = which("qemu-system-x86_64")?;
             cpio.host_file("/usr/bin/qemu-system-x86_64", &qemu)?;
             with_libraries(&mut cpio, &qemu)?;
+            // Debian builds TCG as a loadable module ("could not load module for type
+            // 'tcg-accel-ops'" without it).
+            let tcg = Path::new(QEMU_TCG_MODULE);
+            cpio.host_file(QEMU_TCG_MODULE, tcg)?;
+            with_libraries(&mut cpio, tcg)?;
             for path in QEMU_FIRMWARE {
                 cpio.host_file(path, Path::new(path))
                     .map_err(|e| format!("QEMU firmware for the guest's VM: {e}"))?;

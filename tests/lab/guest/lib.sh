@@ -40,8 +40,10 @@ check_eq() {
 }
 
 # check_rc <what> <expected exit code> <command...>: runs the command, output to the log.
+# (`local` is not POSIX, but both shells the lab uses have it, and without it every helper
+# would overwrite the scenario's own variables, `vmid` first of all.)
 check_rc() {
-	what=$1 want=$2
+	local what=$1 want=$2 rc
 	shift 2
 	"$@"
 	rc=$?
@@ -70,7 +72,7 @@ finish() { exit "$LAB_FAILED"; }
 
 # vm_config <vmid> [extra config lines...]: /etc/pve/qemu-server/<vmid>.conf as Proxmox writes it.
 vm_config() {
-	vmid=$1
+	local vmid=$1 line
 	shift
 	mkdir -p /etc/pve/qemu-server
 	{
@@ -92,7 +94,7 @@ profile() {
 
 # vm_start <vmid> [iothread id]: starts QEMU the way qemu-server does, in qemu.slice/<vmid>.scope.
 vm_start() {
-	vmid=$1 iothread=${2:-iothread-virtioscsi0}
+	local vmid=$1 iothread=${2:-iothread-virtioscsi0}
 	mkdir -p /var/run/qemu-server
 	set -- qemu-system-x86_64 -accel tcg,thread=multi -machine q35 -m 64 \
 		-smp 4,sockets=1,cores=2,threads=2 -object "iothread,id=$iothread" \
@@ -113,6 +115,7 @@ vm_pid() { cat "/var/run/qemu-server/$1.pid"; }
 
 # vm_stop <vmid>: ends QEMU and waits until it is gone (its scope goes with it under systemd).
 vm_stop() {
+	local pid
 	pid=$(vm_pid "$1") || return 1
 	kill "$pid"
 	for _ in $(seq 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
@@ -124,6 +127,7 @@ vm_stop() {
 
 # threads <pid>: `<tid> <comm> <allowed cpus>` for every thread, sorted by tid.
 threads() {
+	local task
 	for task in /proc/"$1"/task/*; do
 		printf '%s %s %s\n' "${task##*/}" "$(tr ' ' '_' < "$task/comm")" \
 			"$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$task/status")"
@@ -145,7 +149,7 @@ LAB_CGROUPS=". init.scope system.slice user.slice qemu.slice"
 
 # snapshot <file> [vmid]: everything a pvetune tunable may change, in a stable text form.
 snapshot() {
-	out=$1 vmid=$2
+	local out=$1 vmid=$2 g s c f h i cgroups
 	{
 		echo "== cpus online $(cat /sys/devices/system/cpu/online)"
 		echo "== cpus isolated $(cat /sys/devices/system/cpu/isolated)"
@@ -181,4 +185,29 @@ snapshot() {
 			threads "$(vm_pid "$vmid")"
 		fi
 	} > "$out"
+}
+
+# --- pvetune expectations -------------------------------------------------------------------
+
+# The profile most scenarios use: VM owns the second socket (CPUs 4-7, SMT pairs 4,5 and 6,7).
+LAB_PROFILE='cpus: 4-7
+vcpus: auto
+emulator: housekeeping
+iothreads: housekeeping
+governor: performance
+sysctl:
+  vm.stat_interval: 120'
+
+# check_pinned <pid> <vcpu cpus...>: vCPU i on the i-th CPU given, every other thread
+# (main loop, call_rcu, iothreads, QEMU's monitor iothread) on housekeeping CPUs 0-3.
+check_pinned() {
+	local pid=$1 i=0 cpu
+	shift
+	for cpu in "$@"; do
+		check_eq "vCPU $i affinity" "$cpu" "$(affinity_of "$pid" "CPU_$i/TCG")"
+		i=$((i + 1))
+	done
+	threads "$pid" | grep -v ' CPU_[0-9]*/TCG ' | while read -r tid comm cpus; do
+		check_eq "emulator thread $tid ($comm) affinity" 0-3 "$cpus"
+	done
 }
