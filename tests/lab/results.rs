@@ -13,6 +13,8 @@ pub struct Scenario {
     pub log: Vec<String>,
     /// The exit code; None when the guest never reported the end.
     pub exit: Option<i32>,
+    /// How long it ran in the guest.
+    pub seconds: Option<f64>,
 }
 
 impl Scenario {
@@ -55,7 +57,11 @@ pub fn parse(results: &str) -> Report {
                         s.checks.push((verdict == "ok", text.to_string()));
                     }
                     "log" => s.log.push(rest.to_string()),
-                    _ => s.exit = rest.trim().parse().ok(),
+                    _ => {
+                        let mut fields = rest.split_whitespace();
+                        s.exit = fields.next().and_then(|c| c.parse().ok());
+                        s.seconds = fields.next().and_then(|t| t.parse().ok());
+                    }
                 }
             }
             _ => {}
@@ -101,7 +107,11 @@ pub fn failure(flavour: &str, outcome: &Outcome, report: &Report) -> Option<Stri
             124 => "killed by its time limit (exit 124)".to_string(),
             c => format!("exit {c}"),
         });
-        let _ = writeln!(msg, "\n--- scenario {}: {exit}", s.name);
+        let took = s
+            .seconds
+            .map(|t| format!(" after {t} s"))
+            .unwrap_or_default();
+        let _ = writeln!(msg, "\n--- scenario {}: {exit}{took}", s.name);
         for (_, text) in s.checks.iter().filter(|(ok, _)| !ok) {
             let _ = writeln!(msg, "  FAIL {text}");
         }
