@@ -139,11 +139,11 @@ impl Guest<'_> {
             accel,
             "-machine",
             "q35",
-            // qemu64 gives each socket its own L3 (cache/index3), which a host has; +topoext
-            // is refused by TCG with a warning and changes nothing there. pdpe1gb offers the
-            // 1 GiB hugepage size, which the memory work needs.
+            // qemu64 gives each socket its own L3 (cache/index3), which a host has. As an AMD
+            // CPU it warns that its family has no SMT and wants topoext, which TCG refuses:
+            // the Intel vendor has SMT without either. pdpe1gb offers 1 GiB hugepages.
             "-cpu",
-            "qemu64,+pdpe1gb",
+            "qemu64,vendor=GenuineIntel,+pdpe1gb",
             // A two-socket host: SMT pairs (0,1) (2,3) .., one NUMA node per socket.
             "-smp",
             "8,sockets=2,cores=2,threads=2",

@@ -97,11 +97,13 @@ pub fn failure(flavour: &str, outcome: &Outcome, report: &Report) -> Option<Stri
         return None;
     }
     let mut msg = format!(
-        "lab {flavour}: {} of {} scenarios failed; {}",
+        "lab {flavour}: {} of {} scenarios failed",
         failed.len(),
         report.scenarios.len(),
-        why.trim_end()
     );
+    if !why.is_empty() {
+        let _ = write!(msg, "; {}", why.trim_end());
+    }
     for s in failed {
         let exit = s.exit.map_or("no end reported".to_string(), |c| match c {
             124 => "killed by its time limit (exit 124)".to_string(),

@@ -30,6 +30,8 @@ for script in /lab/scenarios/*.sh; do
 	started=$(cut -d' ' -f1 /proc/uptime)
 	LAB_SCENARIO=$name timeout "${limit:-60}" sh "$script" > "/tmp/lab-$name.log" 2>&1
 	rc=$?
+	# busybox's timeout exits 143 (SIGTERM) where coreutils' says 124: report one code.
+	[ "$rc" = 143 ] && rc=124
 	took=$(awk -v s="$started" '{ printf "%.1f", $1 - s }' /proc/uptime)
 	tail -n 200 "/tmp/lab-$name.log" | while IFS= read -r line; do
 		report "log $name $line"
