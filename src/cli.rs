@@ -27,7 +27,7 @@ Exit codes:
     name = "pvetune",
     version,
     about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, governor, sysctls, with full rollback",
-    args_conflicts_with_subcommands = true,
+    override_usage = "pvetune [OPTIONS] <VMID> <PHASE>\n       pvetune [OPTIONS] <COMMAND>",
     after_help = AFTER_HELP
 )]
 struct Cli {
@@ -43,10 +43,6 @@ struct Cli {
     /// Only errors
     #[arg(short, long, global = true)]
     quiet: bool,
-    /// VMID, when called as a hookscript
-    vmid: Option<String>,
-    /// Hook phase, when called as a hookscript
-    phase: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -66,6 +62,9 @@ enum Command {
     Status { vmid: Option<String> },
     /// Validate the VM's profile against this host and the VM config; changes nothing
     Check { vmid: String },
+    /// `<vmid> <phase>`: the hookscript call (see below)
+    #[command(external_subcommand)]
+    Hook(Vec<String>),
 }
 
 /// Runs pvetune with the process arguments; returns the exit code.
@@ -136,19 +135,20 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
             hook::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
         }
         Some(Command::Check { vmid }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
-        None => match (cli.vmid, cli.phase) {
-            (Some(vmid), Some(phase)) => {
-                let line = hook::run_hook(&env, &host, parse_vmid(&vmid)?, parse_phase(&phase)?)?;
+        Some(Command::Hook(args)) => match args.as_slice() {
+            [vmid, phase] => {
+                let line = hook::run_hook(&env, &host, parse_vmid(vmid)?, parse_phase(phase)?)?;
                 if quiet { vec![] } else { vec![line] }
             }
-            _ => {
-                return Err(Error::Usage(
-                    "usage: pvetune <vmid> <phase>, or a command: see pvetune --help".into(),
-                ));
-            }
+            _ => return Err(usage()),
         },
+        None => return Err(usage()),
     };
     Ok(lines)
+}
+
+fn usage() -> Error {
+    Error::Usage("usage: pvetune <vmid> <phase>, or a command: see pvetune --help".into())
 }
 
 /// A VMID becomes part of paths: digits only, in Proxmox's range 100..=999999999.

@@ -9,7 +9,7 @@ use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::{Action, Step, ThreadRef};
 use crate::root::Root;
-use crate::state::{Claim, Holder, PinRecord, State, StateError, Store};
+use crate::state::{Claim, Holder, PinRecord, State, StateError, Store, VmRecord};
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +206,10 @@ impl<H: Host> Executor<'_, H> {
                     None => {
                         record.pins.remove(i);
                     }
+                }
+                // A record that only this apply created goes with it.
+                if *record == VmRecord::default() {
+                    self.state.vms.remove(&self.vmid);
                 }
                 self.store.save(&self.state)?;
                 Ok(())

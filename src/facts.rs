@@ -32,7 +32,7 @@ impl HostFacts {
         let sysctls = sysctls
             .map(|name| {
                 let path = root.path(crate::profile::sysctl_path(name));
-                (name.to_string(), path.is_file())
+                (name.to_string(), path.exists())
             })
             .collect();
         HostFacts { cpufreq, sysctls }
@@ -50,7 +50,7 @@ fn cpufreq_of(root: &Root, cpu: u32) -> Option<CpuFreq> {
         return None;
     }
     let governor_path = dir.join("scaling_governor");
-    if !root.path(&governor_path).is_file() {
+    if !root.path(&governor_path).exists() {
         return None;
     }
     let available = std::fs::read_to_string(root.path(dir.join("scaling_available_governors")))

@@ -69,6 +69,8 @@ pub struct VmConfig {
     pub vcpus: Option<u32>,
     /// Threads per core from a `-smp ...,threads=T` in `args` (Proxmox has no key for SMT).
     pub smp_threads: Option<u32>,
+    /// Boot vCPUs from a `-smp N,...` (or `cpus=N`) in `args`: QEMU uses the last `-smp`.
+    pub smp_cpus: Option<u32>,
     pub memory_mib: u64,
     pub balloon: Option<u64>,
     pub numa: bool,
@@ -92,6 +94,7 @@ impl Default for VmConfig {
             sockets: 1,
             vcpus: None,
             smp_threads: None,
+            smp_cpus: None,
             memory_mib: 512,
             balloon: None,
             numa: false,
@@ -319,9 +322,11 @@ impl VmConfig {
         Ok(config)
     }
 
-    /// The number of vCPUs QEMU starts with.
+    /// The number of vCPUs QEMU starts with: an `-smp` in `args` wins (qemu-server appends
+    /// `args` after its own `-smp`), then `vcpus`, then cores x sockets.
     pub fn vcpu_count(&self) -> u32 {
-        self.vcpus
+        self.smp_cpus
+            .or(self.vcpus)
             .unwrap_or_else(|| self.cores.saturating_mul(self.sockets))
     }
 
@@ -354,7 +359,7 @@ impl VmConfig {
             "cpu" => self.cpu = Some(value.to_string()),
             "hookscript" => self.hookscript = Some(value.to_string()),
             "args" => {
-                self.smp_threads = smp_threads(value)?;
+                (self.smp_cpus, self.smp_threads) = smp_option(value)?;
                 self.args = Some(value.to_string());
             }
             _ => {
@@ -548,25 +553,29 @@ fn host_pci(value: &str) -> Result<HostPci, String> {
     })
 }
 
-/// `threads=T` of the last `-smp` in `args`. QEMU merges repeated `-smp` options, later ones
-/// winning, and qemu-server appends `args` after its own `-smp`, so this is what QEMU uses.
-fn smp_threads(args: &str) -> Result<Option<u32>, String> {
+/// `(cpus, threads)` of the last `-smp` in `args`. QEMU merges repeated `-smp` options, later
+/// ones winning, and qemu-server appends `args` after its own `-smp`, so this is what QEMU uses.
+fn smp_option(args: &str) -> Result<(Option<u32>, Option<u32>), String> {
     let words = shell_words(args);
-    let mut threads = None;
+    let (mut cpus, mut threads) = (None, None);
+    let bad = |what: &str| {
+        format!("in -smp, {what}=<integer of at least 1> (QEMU would refuse this too)")
+    };
     for pair in words.windows(2) {
         if pair[0] != "-smp" && pair[0] != "--smp" {
             continue;
         }
-        for opt in pair[1].split(',') {
+        for (i, opt) in pair[1].split(',').enumerate() {
             if let Some(t) = opt.strip_prefix("threads=") {
-                threads = Some(positive(t).map_err(|_| {
-                    "in -smp, threads=<integer of at least 1> (QEMU would refuse this too)"
-                        .to_string()
-                })?);
+                threads = Some(positive(t).map_err(|_| bad("threads"))?);
+            } else if let Some(c) = opt.strip_prefix("cpus=") {
+                cpus = Some(positive(c).map_err(|_| bad("cpus"))?);
+            } else if i == 0 && !opt.contains('=') {
+                cpus = Some(positive(opt).map_err(|_| bad("cpus"))?);
             }
         }
     }
-    Ok(threads)
+    Ok((cpus, threads))
 }
 
 /// Splits like a POSIX shell, which is how qemu-server splits `args` (`split_args`): blanks

@@ -60,7 +60,7 @@ fn plan_on_xeon_puts_one_vcpu_per_core_on_node_1() {
     }
     assert!(l.contains(&"iothreads (not running): - -> 24-31"), "{text}");
     assert!(
-        l.contains(&"emulator threads (not running): - -> 0-7,16-23"),
+        l.contains(&"emulator threads (not running): - -> 0-7,16-31"),
         "{text}"
     );
     // intel_pstate: one policy per CPU.
@@ -149,52 +149,39 @@ fn cpu_not_on_host_is_refused_with_its_line_and_nothing_changes() {
 fn bad_input_is_refused_before_anything_changes() {
     let root = host_copy("ryzen-5900x");
     let before = snapshot(&root.path);
-    write(
-        &root.path,
-        "/etc/pve/pvetune/100.yaml",
-        "cpus: 6-11\ngovernor: performance\npinning: yes\n",
-    );
-    let out = pvetune(&root.path, &["100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("100.yaml:3:1: unknown field `pinning`"),
-        "{}",
-        stderr(&out)
-    );
-
-    write(
-        &root.path,
-        "/etc/pve/pvetune/100.yaml",
-        "cpus: 6-11\ngovernor: turbo\n",
-    );
-    let out = pvetune(&root.path, &["100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("100.yaml:2:11: governor: 'turbo' is not available on CPU 6"),
-        "{}",
-        stderr(&out)
-    );
-
-    write(
-        &root.path,
-        "/etc/pve/pvetune/100.yaml",
-        "cpus: 6-11\nsysctl:\n  vm.no_such_knob: 1\n",
-    );
-    let out = pvetune(&root.path, &["100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("no such sysctl"), "{}", stderr(&out));
-
-    let out = pvetune(&root.path, &["100", "started"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("unknown phase 'started'"),
-        "{}",
-        stderr(&out)
-    );
-
-    let out = pvetune(&root.path, &["../100", "pre-start"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("invalid VMID"), "{}", stderr(&out));
+    let cases: [(&str, &[&str], &str); 5] = [
+        (
+            "cpus: 6-11,18-23\ngovernor: performance\npinning: yes\n",
+            &["100", "pre-start"],
+            "100.yaml:3:1: unknown field `pinning`",
+        ),
+        (
+            "cpus: 6-11,18-23\ngovernor: turbo\n",
+            &["100", "pre-start"],
+            "100.yaml:2:11: governor: 'turbo' is not available on CPU 6",
+        ),
+        (
+            "cpus: 6-11,18-23\nsysctl:\n  vm.no_such_knob: 1\n",
+            &["100", "pre-start"],
+            "no such sysctl",
+        ),
+        (
+            "cpus: 6-11,18-23\n",
+            &["100", "started"],
+            "unknown phase 'started'",
+        ),
+        (
+            "cpus: 6-11,18-23\n",
+            &["../100", "pre-start"],
+            "invalid VMID",
+        ),
+    ];
+    for (profile, args, expected) in cases {
+        write(&root.path, "/etc/pve/pvetune/100.yaml", profile);
+        let out = pvetune(&root.path, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(expected), "{}", stderr(&out));
+    }
 
     // The profile file of the tests above was rewritten; the rest of the host is untouched.
     let mut after = snapshot(&root.path);
@@ -461,4 +448,44 @@ fn backup_start_gets_no_isolation() {
     std::fs::write(&conf, text).unwrap();
     let _vm = start(&root.path, 100);
     assert_eq!(read(&root.path, STAT), "1\n");
+}
+
+#[test]
+fn a_vm_between_pre_start_and_post_start_is_not_reconciled_away() {
+    use nix::fcntl::{Flock, FlockArg};
+    let root = host_copy("ryzen-5900x");
+    let out = pvetune(&root.path, &["100", "pre-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // qemu-server holds VM 100's config lock for the whole start.
+    write(&root.path, "/var/lock/qemu-server/lock-100.conf", "");
+    let file = std::fs::File::open(root.path.join("var/lock/qemu-server/lock-100.conf")).unwrap();
+    let lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    write(&root.path, "/etc/pve/pvetune/102.yaml", "cpus: 10-13\n");
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/102.conf",
+        "cores: 2\nmemory: 512\n",
+    );
+    let out = pvetune(&root.path, &["102", "pre-start"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "VM 100 is starting and owns 10-11"
+    );
+    assert!(
+        stderr(&out).contains("already owned by running VM 100"),
+        "{}",
+        stderr(&out)
+    );
+    // Once the start is over without a QEMU (the start failed), the next hook cleans up.
+    drop(lock);
+    let out = pvetune(&root.path, &["102", "pre-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("VM 100 no longer runs"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -76,6 +76,7 @@ future-key: whatever=1
         sockets: 1,
         vcpus: Some(6),
         smp_threads: Some(2),
+        smp_cpus: Some(8),
         memory_mib: 8192,
         balloon: Some(0),
         numa: true,
@@ -135,7 +136,8 @@ future-key: whatever=1
     };
     let config = VmConfig::parse(text).unwrap();
     assert_eq!(config, expected);
-    assert_eq!(config.vcpu_count(), 6);
+    // The -smp in args wins over `vcpus: 6`: qemu-server appends args after its own -smp.
+    assert_eq!(config.vcpu_count(), 8);
     assert_eq!(config.threads_per_core(), 2);
 }
 
