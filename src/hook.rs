@@ -180,7 +180,10 @@ fn execute<H: Host>(
         );
     }
     for note in &plan.notes {
-        log::info!("VM {vmid} {phase}: {note}");
+        match note.strip_prefix("warning: ") {
+            Some(warning) => log::warn!("VM {vmid} {phase}: {warning}"),
+            None => log::info!("VM {vmid} {phase}: {note}"),
+        }
     }
     let mut exec = Executor {
         root: &env.root,

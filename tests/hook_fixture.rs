@@ -489,3 +489,26 @@ fn a_vm_between_pre_start_and_post_start_is_not_reconciled_away() {
         stderr(&out)
     );
 }
+
+#[test]
+fn plan_warns_when_vcpus_run_away_from_their_guest_numa_memory() {
+    let root = host_copy("xeon-2s");
+    let plan = stdout(&pvetune(
+        &root.path,
+        &["plan", "200", "--phase", "post-start"],
+    ));
+    assert!(!plan.contains("remote memory"), "{plan}");
+    let conf = root.path.join("etc/pve/qemu-server/200.conf");
+    let text = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace("hostnodes=1", "hostnodes=0");
+    std::fs::write(&conf, text).unwrap();
+    let plan = stdout(&pvetune(
+        &root.path,
+        &["plan", "200", "--phase", "post-start"],
+    ));
+    assert!(
+        plan.contains("guest NUMA node 0 has its memory on host node 0 but its vCPUs would run on CPU 8-15 of another node"),
+        "{plan}"
+    );
+}

@@ -29,6 +29,7 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) -> Result<(), PlanError> {
         guest_threads(inp),
         layout_name(&layout)
     ));
+    plan.notes.extend(numa_mismatches(inp, &targets));
     if let Some(affinity) = &inp.config.affinity {
         plan.notes.push(format!(
             "VM config sets affinity {affinity} for the whole process; the per-thread pinning below replaces it"
@@ -81,6 +82,39 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) -> Result<(), PlanError> {
         }
     }
     Ok(())
+}
+
+/// Guest NUMA nodes whose memory is bound to host nodes (`numaN: ...,hostnodes=H`) but whose
+/// vCPUs would run on CPUs of other nodes: every memory access of those vCPUs would be remote.
+fn numa_mismatches(inp: &Inputs, targets: &[u32]) -> Vec<String> {
+    if !inp.config.numa {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (guest_node, spec) in &inp.config.numa_nodes {
+        let Some(hostnodes) = &spec.hostnodes else {
+            continue;
+        };
+        let remote: CpuSet = spec
+            .cpus
+            .iter()
+            .filter_map(|&vcpu| targets.get(vcpu as usize))
+            .filter(|&&cpu| {
+                inp.topology
+                    .node_of(cpu)
+                    .is_some_and(|n| !hostnodes.contains(&n))
+            })
+            .copied()
+            .collect();
+        if !remote.is_empty() {
+            let nodes: Vec<String> = hostnodes.iter().map(u32::to_string).collect();
+            out.push(format!(
+                "warning: guest NUMA node {guest_node} has its memory on host node {} but its vCPUs would run on CPU {remote} of another node (remote memory); choose cpus on that node",
+                nodes.join(",")
+            ));
+        }
+    }
+    out
 }
 
 /// Number of vCPUs: the running threads if QEMU runs, else the config's count.
