@@ -48,7 +48,7 @@ pub enum VcpuLayout {
     SmtPairs,
     /// One vCPU per host core (first thread) before any sibling thread is used.
     CoresFirst,
-    /// vCPU i -> list[i].
+    /// vCPU i -> `list[i]`.
     Explicit(Vec<u32>),
 }
 
