@@ -63,7 +63,17 @@ pub struct Executor<'a, H: Host> {
     pub vmid: u32,
 }
 
-impl<H: Host> Executor<'_, H> {
+impl<'a, H: Host> Executor<'a, H> {
+    pub fn new(root: &'a Root, host: &'a H, store: &'a Store, state: State, vmid: u32) -> Self {
+        Executor {
+            root,
+            host,
+            store,
+            state,
+            vmid,
+        }
+    }
+
     /// Applies the steps in order. On the first failure, every change made by this call is
     /// undone (in reverse), and the error is returned.
     pub fn apply(&mut self, steps: &[Step]) -> Result<Applied, ExecError> {

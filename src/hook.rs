@@ -185,13 +185,7 @@ fn execute<H: Host>(
             None => log::info!("VM {vmid} {phase}: {note}"),
         }
     }
-    let mut exec = Executor {
-        root: &env.root,
-        host,
-        store,
-        state,
-        vmid,
-    };
+    let mut exec = Executor::new(&env.root, host, store, state, vmid);
     let applied = exec
         .apply(&plan.steps)
         .map_err(|source| Error::Apply { phase, source })?;
@@ -261,13 +255,7 @@ pub fn rollback_vm<H: Host>(
         .values()
         .filter(|c| c.holders.iter().any(|h| h.vmid == vmid))
         .count();
-    let mut exec = Executor {
-        root: &env.root,
-        host,
-        store,
-        state,
-        vmid,
-    };
+    let mut exec = Executor::new(&env.root, host, store, state, vmid);
     let errors = exec.rollback(alive);
     if !errors.is_empty() {
         return Err(Error::Rollback {

@@ -55,13 +55,7 @@ fn failure_at_every_step_restores_everything() {
         let root = Root::new(&tree.path);
         let store = Store::new(&root);
         let host = FailAt::new(RealHost, fail_at);
-        let mut exec = Executor {
-            root: &root,
-            host: &host,
-            store: &store,
-            state: store.load().unwrap(),
-            vmid: 100,
-        };
+        let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
         let err = exec
             .apply(&plan)
             .expect_err("the injected failure must surface");
@@ -89,13 +83,7 @@ fn failure_at_every_step_restores_everything() {
     let before = fixture::snapshot(&tree.path);
     let root = Root::new(&tree.path);
     let store = Store::new(&root);
-    let mut exec = Executor {
-        root: &root,
-        host: &RealHost,
-        store: &store,
-        state: store.load().unwrap(),
-        vmid: 100,
-    };
+    let mut exec = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
     let applied = exec.apply(&plan).unwrap();
     assert_eq!(applied.changed, plan.len());
     assert_eq!(
@@ -120,22 +108,10 @@ fn ledger_written_before_the_change_lets_a_later_run_undo_a_crash() {
     let store = Store::new(&root);
     let plan = &steps(0)[1..];
     {
-        let mut exec = Executor {
-            root: &root,
-            host: &RealHost,
-            store: &store,
-            state: store.load().unwrap(),
-            vmid: 100,
-        };
+        let mut exec = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
         exec.apply(plan).unwrap();
     } // the process "dies" here: nothing in memory survives
-    let mut later = Executor {
-        root: &root,
-        host: &RealHost,
-        store: &store,
-        state: store.load().unwrap(),
-        vmid: 100,
-    };
+    let mut later = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
     assert!(later.rollback(false).is_empty());
     assert_eq!(fixture::snapshot(&tree.path), before);
 }
