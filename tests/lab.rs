@@ -2,13 +2,18 @@
 //! root, against a real kernel (and, in the systemd flavour, real systemd), with a real QEMU
 //! process as the VM. How to run it, add a scenario and read a failure: docs/testing.md.
 //!
-//! Two tests, one per flavour; cargo runs them in parallel. Each boots one guest that runs
-//! every scenario in tests/lab/scenarios/ for its flavour and reports back over a serial port.
+//! The lab is a matrix: each cell of `tests/lab/versions` (one per Proxmox VE release: a kernel
+//! and a userland at exact Debian versions) boots in both flavours, `PVETUNE_LAB_JOBS` guests
+//! at a time (default 2). Each guest runs every scenario in tests/lab/scenarios/ that its
+//! flavour and cell select and reports back over a serial port. The facts the guests record
+//! become docs/kernel-facts.md.
 //!
 //! Environment: `PVETUNE_LAB=skip` skips with a printed reason (local opt-out only; without
-//! QEMU the lab fails), `PVETUNE_LAB_CACHE` moves the download cache,
+//! QEMU the lab fails), `PVETUNE_LAB_MATRIX=<terms>` narrows the matrix (`pve9.1`, `systemd`,
+//! `pve8/busybox`), `PVETUNE_LAB_CACHE` moves the download cache,
 //! `PVETUNE_LAB_SCENARIOS=<text>` runs only scenarios whose name contains it,
-//! `PVETUNE_LAB_ACCEL=tcg|kvm|auto` picks the accelerator.
+//! `PVETUNE_LAB_ACCEL=tcg|kvm|auto` picks the accelerator, `PVETUNE_LAB_FACTS=write`
+//! rewrites docs/kernel-facts.md from a full run instead of comparing it.
 
 #[path = "lab/boot.rs"]
 mod boot;
@@ -16,8 +21,12 @@ mod boot;
 mod cache;
 #[path = "lab/cpio.rs"]
 mod cpio;
+#[path = "lab/facts.rs"]
+mod facts;
 #[path = "lab/initramfs.rs"]
 mod initramfs;
+#[path = "lab/matrix.rs"]
+mod matrix;
 #[path = "lab/results.rs"]
 mod results;
 #[path = "lab/rootfs.rs"]
@@ -25,102 +34,195 @@ mod rootfs;
 #[path = "lab/util.rs"]
 mod util;
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use boot::{Accel, Guest};
-use cache::Cache;
+use cache::{Apt, Cache};
 use initramfs::Payload;
+use matrix::{Flavour, Run, Versions};
 use util::{Ctx, LabResult};
 
-#[derive(Clone, Copy, PartialEq)]
-enum Flavour {
-    /// busybox is PID 1, the cgroup tree is built by hand: fast.
-    Busybox,
-    /// Debian with systemd as PID 1: slices and scopes are systemd's own.
-    Systemd,
-}
-
-impl Flavour {
-    fn name(self) -> &'static str {
-        match self {
-            Flavour::Busybox => "busybox",
-            Flavour::Systemd => "systemd",
-        }
-    }
-
-    /// From power-on to the first scenario, with room to spare on a busy 2-core machine.
-    fn boot_allowance(self) -> Duration {
-        match self {
-            Flavour::Busybox => Duration::from_secs(90),
-            Flavour::Systemd => Duration::from_secs(240),
-        }
+/// From power-on to the first scenario, with room to spare on a busy 2-core machine.
+fn boot_allowance(flavour: Flavour) -> Duration {
+    match flavour {
+        Flavour::Busybox => Duration::from_secs(90),
+        Flavour::Systemd => Duration::from_secs(240),
     }
 }
 
 #[test]
-fn busybox_guest() {
-    run(Flavour::Busybox);
-}
-
-#[test]
-fn systemd_guest() {
-    run(Flavour::Systemd);
-}
-
-fn run(flavour: Flavour) {
-    let name = flavour.name();
+fn matrix() {
     if std::env::var("PVETUNE_LAB").as_deref() == Ok("skip") {
-        say(&format!("lab {name}: SKIPPED because PVETUNE_LAB=skip"));
+        say("lab: SKIPPED because PVETUNE_LAB=skip");
         return;
     }
     let start = Instant::now();
-    match lab(flavour) {
+    match lab() {
         Ok(summary) => say(&format!(
-            "lab {name}: {summary} in {:.1} s",
+            "lab: {summary}; whole lab {:.1} s",
             start.elapsed().as_secs_f64()
         )),
         Err(msg) => panic!(
-            "{msg}\n(lab {name} ran for {:.1} s)",
+            "{msg}\n(the lab ran for {:.1} s)",
             start.elapsed().as_secs_f64()
         ),
     }
 }
 
-/// Prints past libtest's output capture: the duration line is the one line the lab shows
-/// on success.
+/// Prints past libtest's output capture: the per-run lines are what the lab shows on success.
 fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-fn lab(flavour: Flavour) -> LabResult<String> {
-    let name = flavour.name();
+/// What every run shares.
+struct Lab {
+    cache: Cache,
+    apt: Apt,
+    busybox: PathBuf,
+    /// `PVETUNE_LAB_SCENARIOS`.
+    only: String,
+}
+
+/// A run that passed.
+struct Passed {
+    summary: String,
+    facts: Vec<(String, String, String)>,
+}
+
+fn lab() -> LabResult<String> {
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
         .is_err()
     {
-        return Err(format!(
-            "lab {name}: qemu-system-x86_64 is not installed, so the real-kernel lab cannot run. \
-             Install what it needs with tests/lab/install-deps.sh (as root); to skip it \
+        return Err(
+            "lab: qemu-system-x86_64 is not installed, so the real-kernel lab cannot \
+             run. Install what it needs with tests/lab/install-deps.sh (as root); to skip it \
              locally, set PVETUNE_LAB=skip."
-        ));
+                .into(),
+        );
     }
+    let versions = Versions::load()?;
+    let filter = std::env::var("PVETUNE_LAB_MATRIX").unwrap_or_default();
+    let mut runs = matrix::runs(&versions, &filter)?;
+    // Longest first (the systemd guests), so that the last guest to finish is a short one.
+    runs.sort_by_key(|r| r.flavour == Flavour::Busybox);
     let cache = Cache::open()?;
-    let lock = cache.lock("packages")?;
-    let kernel = cache.cloud_kernel(&lock)?;
-    let busybox = cache.package(&lock, "busybox-static")?;
-    drop(lock);
-    let disk = match flavour {
-        Flavour::Busybox => None,
-        Flavour::Systemd => Some(rootfs::image(&cache, &cache.lock("rootfs")?)?),
+    let apt = Apt::new(&cache, &versions.suites);
+    let busybox = {
+        let lock = cache.lock("packages")?;
+        cache.package(&lock, &apt, versions.tool("busybox-static")?)?
+    };
+    let lab = Lab {
+        cache,
+        apt,
+        busybox,
+        only: std::env::var("PVETUNE_LAB_SCENARIOS").unwrap_or_default(),
+    };
+    let jobs: usize = match std::env::var("PVETUNE_LAB_JOBS") {
+        Ok(n) => n
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("PVETUNE_LAB_JOBS={n}: expected a number above 0"))?,
+        Err(_) => 2,
     };
 
-    let workdir = workdir(name)?;
-    let memo = boot::probe_memo(cache.dir(), &kernel.version);
+    let queue = Mutex::new(runs.iter().cloned().collect::<VecDeque<Run>>());
+    let done: Mutex<Vec<(Run, Duration, LabResult<Passed>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(runs.len()) {
+            s.spawn(|| {
+                loop {
+                    let Some(run) = queue.lock().map(|mut q| q.pop_front()).ok().flatten() else {
+                        break;
+                    };
+                    let start = Instant::now();
+                    let outcome = run_one(&lab, &run);
+                    let took = start.elapsed();
+                    match &outcome {
+                        Ok(p) => say(&format!(
+                            "lab {}: {} in {:.1} s",
+                            run.id(),
+                            p.summary,
+                            took.as_secs_f64()
+                        )),
+                        Err(_) => say(&format!(
+                            "lab {}: FAILED after {:.1} s",
+                            run.id(),
+                            took.as_secs_f64()
+                        )),
+                    }
+                    if let Ok(mut d) = done.lock() {
+                        d.push((run, took, outcome));
+                    }
+                }
+            });
+        }
+    });
+    let mut done = done
+        .into_inner()
+        .map_err(|_| "a lab thread panicked".to_string())?;
+    // Matrix order again (cell, then flavour) for the summary and the facts.
+    let order = |r: &Run| runs.iter().position(|x| x.id() == r.id());
+    done.sort_by_key(|(r, _, _)| order(r));
+
+    let failures: Vec<&String> = done
+        .iter()
+        .filter_map(|(_, _, o)| o.as_ref().err())
+        .collect();
+    if !failures.is_empty() {
+        let msgs: Vec<&str> = failures.iter().map(|s| s.as_str()).collect();
+        return Err(format!(
+            "{} of {} lab runs failed\n\n{}",
+            failures.len(),
+            done.len(),
+            msgs.join("\n\n")
+        ));
+    }
+    let whole = filter.trim().is_empty() && lab.only.is_empty();
+    let table: Vec<(String, Vec<(String, String, String)>)> = done
+        .iter()
+        .filter_map(|(r, _, o)| o.as_ref().ok().map(|p| (r.column(), p.facts.clone())))
+        .collect();
+    let facts_note = facts::publish(&table, whole)?;
+    let total: Duration = done.iter().map(|(_, t, _)| *t).sum();
+    Ok(format!(
+        "{} runs passed ({:.1} s of guest time in all); {facts_note}",
+        done.len(),
+        total.as_secs_f64()
+    ))
+}
+
+impl Run {
+    /// The column header of docs/kernel-facts.md.
+    fn column(&self) -> String {
+        format!("{} {}", self.cell.name, self.flavour.name())
+    }
+}
+
+fn run_one(lab: &Lab, run: &Run) -> LabResult<Passed> {
+    let id = run.id();
+    let kernel = {
+        let lock = lab.cache.lock("packages")?;
+        lab.cache.kernel(&lock, &lab.apt, &run.cell.kernel)?
+    };
+    let image = match run.flavour {
+        Flavour::Busybox => None,
+        Flavour::Systemd => {
+            let lock = lab.cache.lock(&format!("rootfs-{}", run.cell.suite))?;
+            Some(rootfs::image(&lab.cache, &lock, &run.cell)?)
+        }
+    };
+
+    let workdir = workdir(run)?;
+    let memo = boot::probe_memo(lab.cache.dir(), &kernel.version);
     if let Some(parent) = memo.parent() {
         fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
     }
@@ -128,7 +230,7 @@ fn lab(flavour: Flavour) -> LabResult<String> {
         let dir = workdir.join("probe");
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let initrd = dir.join("initrd.cpio");
-        initramfs::build(&busybox, Payload::Probe, &initrd, &dir)?;
+        initramfs::build(&lab.busybox, Payload::Probe, &initrd)?;
         Guest {
             kernel: &kernel.vmlinuz,
             initrd: &initrd,
@@ -141,26 +243,27 @@ fn lab(flavour: Flavour) -> LabResult<String> {
         .boot()
     })?;
 
-    let payload = match flavour {
+    let payload = match run.flavour {
         Flavour::Busybox => Payload::Qemu,
-        Flavour::Systemd => Payload::RootDisk {
-            modules: &kernel.modules,
-        },
+        Flavour::Systemd => Payload::RootDisk,
     };
     let initrd = workdir.join("initrd.cpio");
-    initramfs::build(&busybox, payload, &initrd, &workdir)?;
+    initramfs::build(&lab.busybox, payload, &initrd)?;
 
-    let only = std::env::var("PVETUNE_LAB_SCENARIOS").unwrap_or_default();
-    let mut append = format!("quiet lab.flavour={name} systemd.show_status=false");
-    if !only.is_empty() {
-        append.push_str(&format!(" lab.only={only}"));
+    let name = run.flavour.name();
+    let mut append = format!(
+        "quiet lab.flavour={name} lab.cell={} systemd.show_status=false",
+        run.cell.name
+    );
+    if !lab.only.is_empty() {
+        append.push_str(&format!(" lab.only={}", lab.only));
     }
     let guest = Guest {
         kernel: &kernel.vmlinuz,
         initrd: &initrd,
-        disk: disk.as_deref(),
+        disk: image.as_ref().map(|i| i.path.as_path()),
         append,
-        limit: flavour.boot_allowance() + scenario_limits(flavour, &only)?,
+        limit: boot_allowance(run.flavour) + scenario_limits(run, &lab.only)?,
         workdir: &workdir,
         accel,
     };
@@ -172,40 +275,51 @@ fn lab(flavour: Flavour) -> LabResult<String> {
     // the scenario runner started is never retried.
     if report.boot.is_none() && kernel_crashed(&outcome.console) {
         say(&format!(
-            "lab {name}: the guest kernel crashed during boot under {accel:?} (emulator fault, before any scenario); booting once more"
+            "lab {id}: the guest kernel crashed during boot under {accel:?} (emulator fault, before any scenario); booting once more"
         ));
         let first = workdir.join("console.first-boot.log");
         fs::write(&first, &outcome.console).ctx(|| format!("writing {}", first.display()))?;
         outcome = guest.boot()?;
         report = results::parse(&outcome.results);
     }
-    if let Some(msg) = results::failure(name, &outcome, &report) {
+    if let Some(msg) = results::failure(&id, &outcome, &report) {
         return Err(msg);
     }
     let accel = if accel == Accel::Kvm { "kvm" } else { "tcg" };
-    Ok(format!(
-        "{} scenarios passed (kernel {}, {accel}, guest {:.1} s)",
-        report.scenarios.len(),
-        kernel.version,
-        outcome.elapsed.as_secs_f64()
-    ))
+    let userland = image
+        .map(|i| format!(", {}", i.versions))
+        .unwrap_or_default();
+    Ok(Passed {
+        summary: format!(
+            "{} scenarios passed (kernel {}{userland}, {accel}, guest {:.1} s)",
+            report.scenarios.len(),
+            kernel.version,
+            outcome.elapsed.as_secs_f64()
+        ),
+        facts: report.scenarios.into_iter().flat_map(|s| s.facts).collect(),
+    })
 }
 
 fn kernel_crashed(console: &str) -> bool {
     console.contains("Kernel panic") || console.contains("Oops:")
 }
 
-/// A fresh directory for this flavour's run files, kept after the run for reading failures.
-fn workdir(name: &str) -> LabResult<PathBuf> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("lab-{name}"));
+/// A fresh directory for this run's files (`target/tmp/lab-pve9.1-systemd`), kept after the
+/// run for reading failures.
+fn workdir(run: &Run) -> LabResult<PathBuf> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "lab-{}-{}",
+        run.cell.name,
+        run.flavour.name()
+    ));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 
 /// The sum of the `# timeout:` limits (default 60 s) of the scenarios this run selects,
-/// mirroring the runner's choice in guest/run-scenarios.sh.
-fn scenario_limits(flavour: Flavour, only: &str) -> LabResult<Duration> {
+/// mirroring the runner's choice in guest/run-scenarios.sh (`# flavours:`, `# cells:`).
+fn scenario_limits(run: &Run, only: &str) -> LabResult<Duration> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/scenarios");
     let mut total = 0;
     for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
@@ -224,7 +338,10 @@ fn scenario_limits(flavour: Flavour, only: &str) -> LabResult<Duration> {
                 .map(str::to_string)
         };
         let flavours = header("flavours").unwrap_or_else(|| "busybox systemd".into());
-        if !flavours.split_whitespace().any(|f| f == flavour.name()) {
+        if !flavours.split_whitespace().any(|f| f == run.flavour.name()) {
+            continue;
+        }
+        if header("cells").is_some_and(|c| !c.split_whitespace().any(|c| c == run.cell.name)) {
             continue;
         }
         total += header("timeout")

@@ -23,7 +23,8 @@ pub enum Accel {
 pub struct Guest<'a> {
     pub kernel: &'a Path,
     pub initrd: &'a Path,
-    /// A raw ext4 image attached as /dev/vda, opened with snapshot=on (never written).
+    /// A raw ext4 image attached as an NVMe disk (/dev/nvme0n1), opened with snapshot=on
+    /// (never written).
     pub disk: Option<&'a Path>,
     pub append: String,
     pub limit: Duration,
@@ -181,9 +182,16 @@ impl Guest<'_> {
             format!("console=ttyS0 panic=-1 {}", self.append),
         ]);
         if let Some(disk) = self.disk {
+            // NVMe, not virtio-blk: the cloud kernels have NVMe built in, virtio_blk is a
+            // module (and 7.0's modules are not on every mirror).
             args.extend([
                 "-drive".into(),
-                format!("file={},if=virtio,format=raw,snapshot=on", disk.display()),
+                format!(
+                    "file={},if=none,id=root,format=raw,snapshot=on",
+                    disk.display()
+                ),
+                "-device".into(),
+                "nvme,drive=root,serial=lab-root".into(),
             ]);
         }
         args

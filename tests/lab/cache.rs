@@ -1,21 +1,26 @@
-//! The lab's download cache: Debian packages fetched with `apt-get download`, unpacked with
-//! `dpkg -x`, kept outside the clone so that a fresh CI checkout does not download them again.
+//! The lab's download cache: the Debian packages `tests/lab/versions` pins, fetched with
+//! `apt-get download` through a private apt configuration, unpacked with `dpkg -x`, kept
+//! outside the clone so that a fresh CI checkout does not download them again.
 //!
 //! Layout under the cache dir (`PVETUNE_LAB_CACHE`, default `/var/cache/pvetune-lab`):
 //! `pkg/<name>_<version>/` holds one unpacked package and a `.complete` marker written last,
-//! so an interrupted unpack is never mistaken for a good one. `rootfs/` is managed by
-//! `rootfs.rs`. A `flock` serialises the two flavours, which run as parallel tests.
+//! so an interrupted unpack is never mistaken for a good one. `apt/` is the private apt
+//! configuration, `rootfs/` is managed by `rootfs.rs`. `flock`s serialise the runs of the
+//! matrix, which boot in parallel.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::matrix::Pin;
 use crate::util::{Ctx, LabResult, run_cmd};
 
 const DEFAULT_CACHE_DIR: &str = "/var/cache/pvetune-lab";
 const COMPLETE_MARKER: &str = ".complete";
+pub const MIRROR: &str = "http://deb.debian.org/debian";
 
 /// The cache directory, created if needed.
 pub struct Cache {
@@ -51,123 +56,150 @@ impl Cache {
         Ok(CacheLock { _lock: lock })
     }
 
-    /// The unpacked contents of the candidate version of Debian package `name`.
-    ///
-    /// apt's candidate comes from the local package lists (no network). When the lists do not
-    /// know the package (no `apt-get update` yet), the newest cached copy is used instead.
-    pub fn package(&self, _lock: &CacheLock, name: &str) -> LabResult<PathBuf> {
-        let fetched = match candidate_version(name) {
-            Some(version) => self.unpack(name, &version),
-            None => Err(format!("apt knows no package {name}")),
-        };
-        // Stale apt lists name versions the mirror no longer has: a cached copy still serves.
-        fetched.or_else(|e| {
-            self.newest_cached(name).ok_or_else(|| {
-                format!(
-                    "{e}, and the lab cache {} has no {name}: \
-                     run tests/lab/install-deps.sh (it runs apt-get update)",
-                    self.dir.display()
-                )
-            })
-        })
+    /// Debian package `pin`, unpacked: from the cache, or downloaded through the lab's private
+    /// apt (which refreshes its lists first, once per run, only when something is missing).
+    pub fn package(&self, _lock: &CacheLock, apt: &Apt, pin: &Pin) -> LabResult<PathBuf> {
+        self.unpack(apt, pin)
     }
 
-    /// The newest `linux-image-6.12.<n>+deb<m>-cloud-amd64` apt knows, unpacked.
-    pub fn cloud_kernel(&self, lock: &CacheLock) -> LabResult<Kernel> {
-        let out = Command::new("apt-cache")
-            .args([
-                "search",
-                "--names-only",
-                r"^linux-image-6\.12\..*-cloud-amd64$",
-            ])
-            .output()
-            .ctx(|| "running apt-cache search".to_string())?;
-        let listing = String::from_utf8_lossy(&out.stdout);
-        let mut names: Vec<&str> = listing
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| is_cloud_kernel_package(n))
-            .collect();
-        names.sort_by(|a, b| compare_debian_versions(a, b));
-        let dir = match names.last() {
-            Some(name) => self.package(lock, name)?,
-            None => self.newest_cached_kernel().ok_or_else(|| {
-                "apt-cache finds no linux-image-6.12.*-cloud-amd64 and the lab cache has none: \
-                 run tests/lab/install-deps.sh (it runs apt-get update)"
-                    .to_string()
-            })?,
-        };
-        Kernel::find(&dir)
+    /// The kernel package `pin`, unpacked.
+    pub fn kernel(&self, lock: &CacheLock, apt: &Apt, pin: &Pin) -> LabResult<Kernel> {
+        Kernel::find(&self.package(lock, apt, pin)?)
     }
 
     fn pkg_root(&self) -> PathBuf {
         self.dir.join("pkg")
     }
 
-    fn unpack(&self, name: &str, version: &str) -> LabResult<PathBuf> {
+    fn unpack(&self, apt: &Apt, pin: &Pin) -> LabResult<PathBuf> {
         // Epochs (`1:`) are not welcome in file names.
         let dir = self
             .pkg_root()
-            .join(format!("{name}_{}", version.replace(':', "%3a")));
+            .join(format!("{}_{}", pin.name, pin.version.replace(':', "%3a")));
         if dir.join(COMPLETE_MARKER).exists() {
             return Ok(dir);
         }
-        let work = self.pkg_root().join(format!(".{name}.download"));
+        let work = self.pkg_root().join(format!(".{}.download", pin.name));
         let _ = fs::remove_dir_all(&work);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&work).ctx(|| format!("creating {}", work.display()))?;
-        run_cmd(
-            Command::new("apt-get")
-                // As root, apt would try to drop to `_apt`, which cannot write our cache dir.
-                .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
-                .arg(format!("{name}={version}"))
-                .current_dir(&work),
-        )?;
+        apt.download(pin, &work)?;
         let deb = fs::read_dir(&work)
             .ctx(|| format!("listing {}", work.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .ok_or_else(|| format!("apt-get download {name} left no .deb in {}", work.display()))?;
+            .ok_or_else(|| format!("apt-get download {pin} left no .deb in {}", work.display()))?;
         run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
         File::create(dir.join(COMPLETE_MARKER)).ctx(|| format!("marking {}", dir.display()))?;
         let _ = fs::remove_dir_all(&work);
         Ok(dir)
     }
+}
 
-    fn cached(&self) -> Vec<PathBuf> {
-        let Ok(entries) = fs::read_dir(self.pkg_root()) else {
-            return Vec::new();
-        };
-        let mut dirs: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(COMPLETE_MARKER).exists())
-            .collect();
-        dirs.sort_by(|a, b| compare_debian_versions(&file_name(a), &file_name(b)));
-        dirs
+/// A private apt configuration under `<cache>/apt`: its own sources (the suites that
+/// `tests/lab/versions` names), lists and archive cache. The machine's own sources and lists
+/// are never read or changed.
+pub struct Apt {
+    dir: PathBuf,
+    suites: Vec<String>,
+    updated: OnceLock<Result<(), String>>,
+}
+
+impl Apt {
+    pub fn new(cache: &Cache, suites: &[String]) -> Apt {
+        Apt {
+            dir: cache.dir().join("apt"),
+            suites: suites.to_vec(),
+            updated: OnceLock::new(),
+        }
     }
 
-    fn newest_cached(&self, name: &str) -> Option<PathBuf> {
-        let prefix = format!("{name}_");
-        self.cached()
-            .into_iter()
-            .rfind(|p| file_name(p).starts_with(&prefix))
+    /// `-o` options that point apt at this configuration only.
+    fn options(&self) -> Vec<String> {
+        let d = self.dir.display();
+        [
+            format!("Dir::Etc::sourcelist={d}/sources.list"),
+            format!("Dir::Etc::sourceparts={d}/sources.list.d"),
+            format!("Dir::Etc::preferences={d}/preferences"),
+            format!("Dir::Etc::preferencesparts={d}/preferences.d"),
+            format!("Dir::State::Lists={d}/lists"),
+            format!("Dir::Cache={d}/cache"),
+            "Dir::State::status=/dev/null".into(),
+            // As root, apt would drop to `_apt`, which cannot write the cache dir.
+            "APT::Sandbox::User=root".into(),
+            "Acquire::Languages=none".into(),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_string(), o])
+        .collect()
     }
 
-    fn newest_cached_kernel(&self) -> Option<PathBuf> {
-        self.cached().into_iter().rfind(|p| {
-            file_name(p)
-                .split('_')
-                .next()
-                .is_some_and(is_cloud_kernel_package)
+    /// The sources and directories, then `apt-get update` into the private lists: once per
+    /// test run, and only when a package has to be downloaded (a warm cache needs no network).
+    fn update(&self) -> LabResult<()> {
+        self.updated
+            .get_or_init(|| {
+                for sub in [
+                    "sources.list.d",
+                    "preferences.d",
+                    "lists/partial",
+                    "cache/archives/partial",
+                ] {
+                    let path = self.dir.join(sub);
+                    fs::create_dir_all(&path).ctx(|| format!("creating {}", path.display()))?;
+                }
+                let sources: String = self
+                    .suites
+                    .iter()
+                    .map(|s| {
+                        let base = if s.ends_with("-security") {
+                            "http://deb.debian.org/debian-security"
+                        } else {
+                            MIRROR
+                        };
+                        format!("deb {base} {s} main\n")
+                    })
+                    .collect();
+                let path = self.dir.join("sources.list");
+                fs::write(&path, sources).ctx(|| format!("writing {}", path.display()))?;
+                let path = self.dir.join("preferences");
+                fs::write(&path, "").ctx(|| format!("writing {}", path.display()))?;
+                run_cmd(
+                    Command::new("apt-get")
+                        .args(self.options())
+                        .args(["-q", "update"]),
+                )
+                .map(|_| ())
+                .map_err(|e| format!("refreshing the lab's private apt lists: {e}"))
+            })
+            .clone()
+    }
+
+    fn download(&self, pin: &Pin, into: &Path) -> LabResult<()> {
+        self.update()?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(self.options())
+                .args(["-q", "download"])
+                .arg(pin.to_string())
+                .current_dir(into),
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{e}\n(the mirror no longer has {pin}? Pick the current version with `apt-cache \
+                 policy` as docs/testing.md, \"Bumping versions\", says, and update tests/lab/versions)"
+            )
         })
     }
 }
 
-/// An unpacked kernel package: the image and the modules the lab loads.
+/// An unpacked kernel package: the image the lab boots. No modules are needed: the systemd
+/// flavour's root disk is NVMe, built into Debian's cloud kernels (and from 7.0 the modules
+/// are a package of their own, which the mirror does not always carry).
 pub struct Kernel {
     pub version: String,
     pub vmlinuz: PathBuf,
-    pub modules: PathBuf,
 }
 
 impl Kernel {
@@ -179,46 +211,8 @@ impl Kernel {
             .find(|p| file_name(p).starts_with("vmlinuz-"))
             .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
         let version = file_name(&vmlinuz)["vmlinuz-".len()..].to_string();
-        let modules = dir.join("lib/modules").join(&version);
-        Ok(Kernel {
-            version,
-            vmlinuz,
-            modules,
-        })
+        Ok(Kernel { version, vmlinuz })
     }
-}
-
-/// `linux-image-6.12.117+deb12-cloud-amd64`, not the `-dbg`, `-unsigned` or meta packages.
-fn is_cloud_kernel_package(name: &str) -> bool {
-    name.strip_prefix("linux-image-6.12.")
-        .and_then(|rest| rest.strip_suffix("-cloud-amd64"))
-        .is_some_and(|abi| {
-            abi.split('+')
-                .next()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-        })
-}
-
-fn candidate_version(name: &str) -> Option<String> {
-    let out = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", name])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("Version: "))
-        .map(str::to_string)
-}
-
-/// Orders names by the numbers in them (`6.12.99` < `6.12.117`), which is what version
-/// order means for the names the lab compares.
-fn compare_debian_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    fn numbers(s: &str) -> Vec<u64> {
-        s.split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse().ok())
-            .collect()
-    }
-    numbers(a).cmp(&numbers(b))
 }
 
 fn file_name(p: &Path) -> String {

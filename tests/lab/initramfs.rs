@@ -1,27 +1,26 @@
 //! Assembles each guest's initramfs: busybox as the shell and init, the lab's guest scripts
 //! and scenarios, pvetune itself, and what the flavour needs on top (QEMU for the busybox
-//! guest, the `virtio_blk` module for the systemd guest's root disk).
+//! guest).
 //!
 //! pvetune goes in as the very binary cargo built for this test run (`CARGO_BIN_EXE_pvetune`),
 //! with the shared libraries `ldd` lists copied at their host paths. That tests exactly what
-//! `cargo test` built, with no second (static) build; it relies on the guest's userland being
-//! Debian 12 like the build host, which holds for the busybox guest (it gets the host's
-//! libraries) and for the systemd guest (bookworm's glibc is the host's).
+//! `cargo test` built, with no second (static) build; it relies on the guest's glibc being at
+//! least the build host's (Debian 12), which holds for the busybox guest (it gets the host's
+//! libraries) and for the systemd guests (bookworm's glibc is the host's, trixie's is newer).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::cpio::Archive;
-use crate::util::{Ctx, LabResult, shared_libraries};
+use crate::util::{LabResult, shared_libraries};
 
 /// What goes into the guest besides the lab's own files.
-pub enum Payload<'a> {
+pub enum Payload {
     /// Just enough to print a marker: used to see whether KVM can boot a guest.
     Probe,
     /// QEMU and its firmware, for the busybox guest that runs the "VM" from the initramfs.
     Qemu,
-    /// The module that makes the root image visible as /dev/vda.
-    RootDisk { modules: &'a Path },
+    /// The systemd flavour: init mounts the root image and hands over to systemd.
+    RootDisk,
 }
 
 const QEMU_TCG_MODULE: &str = "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so";
@@ -36,7 +35,7 @@ const QEMU_FIRMWARE: &[&str] = &[
     "/usr/share/qemu/pvh.bin",
 ];
 
-pub fn build(busybox_pkg: &Path, payload: Payload, out: &Path, workdir: &Path) -> LabResult<()> {
+pub fn build(busybox_pkg: &Path, payload: Payload, out: &Path) -> LabResult<()> {
     let mut cpio = Archive::default();
     cpio.host_file("/bin/busybox", &busybox_pkg.join("bin/busybox"))?;
     let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab");
@@ -67,29 +66,8 @@ pub fn build(busybox_pkg: &Path, payload: Payload, out: &Path, workdir: &Path) -
                     .map_err(|e| format!("QEMU firmware for the guest's VM: {e}"))?;
             }
         }
-        Payload::RootDisk { modules } => {
-            // Compressed modules need a kmod that reads xz; busybox insmod does not.
-            let packed = modules.join("kernel/drivers/block/virtio_blk.ko.xz");
-            let module = workdir.join("virtio_blk.ko");
-            let out = Command::new("xz")
-                .arg("-dc")
-                .arg(&packed)
-                .output()
-                .ctx(|| "running xz (install xz-utils)".into())?;
-            if !out.status.success() {
-                return Err(format!(
-                    "xz -dc {}: {}",
-                    packed.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            std::fs::write(&module, out.stdout).ctx(|| format!("writing {}", module.display()))?;
-            let version = modules
-                .file_name()
-                .map(|v| v.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            cpio.host_file(&format!("/lib/modules/{version}/virtio_blk.ko"), &module)?;
-        }
+        // The root disk is NVMe, built into Debian's cloud kernels: nothing to add.
+        Payload::RootDisk => {}
     }
     cpio.write(out)
 }

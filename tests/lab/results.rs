@@ -15,6 +15,8 @@ pub struct Scenario {
     pub exit: Option<i32>,
     /// How long it ran in the guest.
     pub seconds: Option<f64>,
+    /// `(key, title, value)` of each `fact` it recorded (the facts scenario).
+    pub facts: Vec<(String, String, String)>,
 }
 
 impl Scenario {
@@ -47,7 +49,7 @@ pub fn parse(results: &str) -> Report {
                 name: name.to_string(),
                 ..Scenario::default()
             }),
-            "check" | "log" | "end" => {
+            "check" | "log" | "end" | "fact" => {
                 let Some(s) = report.scenarios.iter_mut().rfind(|s| s.name == name) else {
                     continue;
                 };
@@ -57,6 +59,13 @@ pub fn parse(results: &str) -> Report {
                         s.checks.push((verdict == "ok", text.to_string()));
                     }
                     "log" => s.log.push(rest.to_string()),
+                    "fact" => {
+                        let mut parts = rest.splitn(3, '|');
+                        let (key, title, value) = (parts.next(), parts.next(), parts.next());
+                        if let (Some(k), Some(t), Some(v)) = (key, title, value) {
+                            s.facts.push((k.to_string(), t.to_string(), v.to_string()));
+                        }
+                    }
                     _ => {
                         let mut fields = rest.split_whitespace();
                         s.exit = fields.next().and_then(|c| c.parse().ok());
@@ -70,8 +79,8 @@ pub fn parse(results: &str) -> Report {
     report
 }
 
-/// Why this run failed, or None when every scenario passed.
-pub fn failure(flavour: &str, outcome: &Outcome, report: &Report) -> Option<String> {
+/// Why this run failed, or None when every scenario passed. `run` names it (`pve9.1/systemd`).
+pub fn failure(run: &str, outcome: &Outcome, report: &Report) -> Option<String> {
     let failed: Vec<&Scenario> = report.scenarios.iter().filter(|s| !s.passed()).collect();
     let mut why = String::new();
     if outcome.timed_out {
@@ -97,7 +106,7 @@ pub fn failure(flavour: &str, outcome: &Outcome, report: &Report) -> Option<Stri
         return None;
     }
     let mut msg = format!(
-        "lab {flavour}: {} of {} scenarios failed",
+        "lab {run}: {} of {} scenarios failed",
         failed.len(),
         report.scenarios.len(),
     );

@@ -23,6 +23,13 @@ note() {
 	echo "note: $*"
 }
 
+# fact <key> <title> <value>: what this kernel or systemd really does, one table row of
+# docs/kernel-facts.md per key (the value must not vary from run to run: no timings, no pids).
+fact() {
+	report "fact $LAB_SCENARIO $1|$2|$3"
+	echo "fact: $1 = $3"
+}
+
 fail() {
 	report "check $LAB_SCENARIO fail $*"
 	echo "FAIL: $*" >&2

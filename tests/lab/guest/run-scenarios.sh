@@ -4,6 +4,8 @@
 #   boot <flavour> <kernel>        the guest is up
 #   begin <scenario>               a scenario starts
 #   check <scenario> ok|fail <text>  one check (written by lib.sh)
+#   fact <scenario> <key>|<title>|<value>  one observed fact (lib.sh `fact`), for
+#                                  docs/kernel-facts.md
 #   log <scenario> <line>          the scenario's stdout+stderr, after it ended
 #   end <scenario> <exit code> <s> 124 means the scenario's own time limit killed it; <s> is
 #                                  how long it ran, in seconds
@@ -18,13 +20,17 @@ if [ -x /lab/bin/busybox ] && [ ! -e /lab/bin/sh ]; then
 fi
 . /lab/guest/lib.sh
 
-report "boot $LAB_FLAVOUR $(uname -r) at $(cut -d' ' -f1 /proc/uptime) s"
 only=$(sed -n 's/.*lab\.only=\([^ ]*\).*/\1/p' /proc/cmdline)
+# The matrix cell this guest stands for (pve8, pve9.1, ...), for scenarios' `# cells:` lines.
+export LAB_CELL=$(sed -n 's/.*lab\.cell=\([^ ]*\).*/\1/p' /proc/cmdline)
+report "boot $LAB_FLAVOUR $(uname -r) cell $LAB_CELL at $(cut -d' ' -f1 /proc/uptime) s"
 for script in /lab/scenarios/*.sh; do
 	name=$(basename "$script" .sh)
 	case "$name" in *"$only"*) ;; *) continue ;; esac
 	flavours=$(sed -n 's/^# flavours: //p' "$script")
 	case " ${flavours:-busybox systemd} " in *" $LAB_FLAVOUR "*) ;; *) continue ;; esac
+	cells=$(sed -n 's/^# cells: //p' "$script")
+	[ -z "$cells" ] || case " $cells " in *" $LAB_CELL "*) ;; *) continue ;; esac
 	limit=$(sed -n 's/^# timeout: //p' "$script")
 	report "begin $name"
 	started=$(cut -d' ' -f1 /proc/uptime)
