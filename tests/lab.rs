@@ -110,9 +110,10 @@ fn lab() -> LabResult<String> {
     }
     let versions = Versions::load()?;
     let filter = std::env::var("PVETUNE_LAB_MATRIX").unwrap_or_default();
-    let mut runs = matrix::runs(&versions, &filter)?;
+    let runs = matrix::runs(&versions, &filter)?;
     // Longest first (the systemd guests), so that the last guest to finish is a short one.
-    runs.sort_by_key(|r| r.flavour == Flavour::Busybox);
+    let mut start_order = runs.clone();
+    start_order.sort_by_key(|r| r.flavour == Flavour::Busybox);
     let cache = Cache::open()?;
     let apt = Apt::new(&cache, &versions.suites);
     let busybox = {
@@ -134,7 +135,7 @@ fn lab() -> LabResult<String> {
         Err(_) => 2,
     };
 
-    let queue = Mutex::new(runs.iter().cloned().collect::<VecDeque<Run>>());
+    let queue = Mutex::new(start_order.into_iter().collect::<VecDeque<Run>>());
     let done: Mutex<Vec<(Run, Duration, LabResult<Passed>)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..jobs.min(runs.len()) {

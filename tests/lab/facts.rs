@@ -18,12 +18,18 @@ const DOC: &str = "docs/kernel-facts.md";
 pub type Column = (String, Vec<(String, String, String)>);
 
 pub fn render(columns: &[Column]) -> String {
-    // Facts in the order the scenario recorded them, over every column.
+    // Facts in the order the scenario recorded them: a key only one flavour records goes
+    // right after the key that preceded it there, not to the end.
     let mut keys: Vec<(&str, &str)> = Vec::new();
     for (_, facts) in columns {
+        let mut at = 0;
         for (key, title, _) in facts {
-            if !keys.iter().any(|(k, _)| k == key) {
-                keys.push((key, title));
+            match keys.iter().position(|(k, _)| k == key) {
+                Some(i) => at = i + 1,
+                None => {
+                    keys.insert(at, (key, title));
+                    at += 1;
+                }
             }
         }
     }
@@ -144,5 +150,19 @@ mod tests {
             "## Fact A\n\n`a`\n\n| pve8 busybox | pve8 systemd |\n|---|---|\n| `isolated` | `member` |\n"
         ));
         assert!(text.contains("| `x\\|y` | - |"), "{text}");
+    }
+
+    #[test]
+    fn a_fact_of_one_flavour_stays_next_to_its_neighbours() {
+        let columns = vec![
+            ("busybox".to_string(), vec![fact("a", "A", "1"), fact("c", "C", "3")]),
+            (
+                "systemd".to_string(),
+                vec![fact("a", "A", "1"), fact("b", "B", "2"), fact("c", "C", "3")],
+            ),
+        ];
+        let text = render(&columns);
+        let (a, b, c) = (text.find("## A"), text.find("## B"), text.find("## C"));
+        assert!(a < b && b < c, "{text}");
     }
 }

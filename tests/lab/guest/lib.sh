@@ -169,6 +169,38 @@ dump() {
 	done
 }
 
+# try_write <file> <value>: writes, then prints `ok` or the errno's name (EINVAL, EPERM, ...):
+# what the kernel answered, as a fact. (The `echo` builtin, not `printf`: busybox's printf
+# fails silently, its echo names the error.)
+try_write() {
+	local err
+	if err=$({ echo "$2" > "$1"; } 2>&1); then
+		echo ok
+		return 0
+	fi
+	case "$err" in
+	*"Invalid argument"*) echo EINVAL ;;
+	*"Operation not permitted"*) echo EPERM ;;
+	*"I/O error"* | *"Input/output error"*) echo EIO ;;
+	*"No space left"*) echo ENOSPC ;;
+	*"busy"*) echo EBUSY ;;
+	*"No such file"*) echo ENOENT ;;
+	*"Permission denied"*) echo EACCES ;;
+	*"not supported"* | *"Not supported"*) echo EOPNOTSUPP ;;
+	*"out of range"*) echo ERANGE ;;
+	*) echo "error: ${err##*: }" ;;
+	esac
+	return 1
+}
+
+# val <file>: its first line, `(empty)` for an empty file, `(absent)` when it does not exist.
+val() {
+	local v=
+	[ -e "$1" ] || { echo "(absent)"; return; }
+	read -r v < "$1" 2>/dev/null
+	echo "${v:-(empty)}"
+}
+
 # --- kernel state ---------------------------------------------------------------------------
 
 # Sysctls a tunable may touch (later issues add theirs); each as `name = value`.
