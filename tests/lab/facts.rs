@@ -155,10 +155,17 @@ mod tests {
     #[test]
     fn a_fact_of_one_flavour_stays_next_to_its_neighbours() {
         let columns = vec![
-            ("busybox".to_string(), vec![fact("a", "A", "1"), fact("c", "C", "3")]),
+            (
+                "busybox".to_string(),
+                vec![fact("a", "A", "1"), fact("c", "C", "3")],
+            ),
             (
                 "systemd".to_string(),
-                vec![fact("a", "A", "1"), fact("b", "B", "2"), fact("c", "C", "3")],
+                vec![
+                    fact("a", "A", "1"),
+                    fact("b", "B", "2"),
+                    fact("c", "C", "3"),
+                ],
             ),
         ];
         let text = render(&columns);
