@@ -140,10 +140,8 @@ fn lab() -> LabResult<String> {
     std::thread::scope(|s| {
         for _ in 0..jobs.min(runs.len()) {
             s.spawn(|| {
-                loop {
-                    let Some(run) = queue.lock().map(|mut q| q.pop_front()).ok().flatten() else {
-                        break;
-                    };
+                // The lock is taken and dropped inside `next_run`, never held over a boot.
+                while let Some(run) = next_run(&queue) {
                     let start = Instant::now();
                     let outcome = run_one(&lab, &run);
                     let took = start.elapsed();
@@ -188,7 +186,7 @@ fn lab() -> LabResult<String> {
         ));
     }
     let whole = filter.trim().is_empty() && lab.only.is_empty();
-    let table: Vec<(String, Vec<(String, String, String)>)> = done
+    let table: Vec<facts::Column> = done
         .iter()
         .filter_map(|(r, _, o)| o.as_ref().ok().map(|p| (r.column(), p.facts.clone())))
         .collect();
@@ -199,6 +197,10 @@ fn lab() -> LabResult<String> {
         done.len(),
         total.as_secs_f64()
     ))
+}
+
+fn next_run(queue: &Mutex<VecDeque<Run>>) -> Option<Run> {
+    queue.lock().ok()?.pop_front()
 }
 
 impl Run {
