@@ -48,6 +48,9 @@ use initramfs::Payload;
 use matrix::{Flavour, Run, Versions};
 use util::{Ctx, LabResult};
 
+/// Boots a run may take when the guest kernel crashes before the first scenario.
+const BOOTS: usize = 3;
+
 /// From power-on to the first scenario, with room to spare on a busy 2-core machine.
 fn boot_allowance(flavour: Flavour) -> Duration {
     match flavour {
@@ -273,14 +276,17 @@ fn run_one(lab: &Lab, run: &Run) -> LabResult<Passed> {
     let mut outcome = guest.boot()?;
     let mut report = results::parse(&outcome.results);
     // Multi-threaded TCG occasionally crashes the guest kernel while it patches its own text
-    // at boot (seen: "Oops: int3" in run_timer_softirq, 1.5 s in, before any of our code
-    // ran). That is the emulator, not pvetune: one more boot, said out loud. A crash after
-    // the scenario runner started is never retried.
-    if report.boot.is_none() && kernel_crashed(&outcome.console) {
+    // at boot (seen: "Oops: int3" in run_timer_softirq and sched_clock_cpu, 1.5-4 s in, before
+    // any of our code ran). That is the emulator, not pvetune: up to two more boots, said out
+    // loud. A crash after the scenario runner started is never retried.
+    for retry in 1..BOOTS {
+        if report.boot.is_some() || !kernel_crashed(&outcome.console) {
+            break;
+        }
         say(&format!(
             "lab {id}: the guest kernel crashed during boot under {accel:?} (emulator fault, before any scenario); booting once more"
         ));
-        let first = workdir.join("console.first-boot.log");
+        let first = workdir.join(format!("console.crashed-boot-{retry}.log"));
         fs::write(&first, &outcome.console).ctx(|| format!("writing {}", first.display()))?;
         outcome = guest.boot()?;
         report = results::parse(&outcome.results);
