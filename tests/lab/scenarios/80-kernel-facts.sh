@@ -174,7 +174,9 @@ if [ "$LAB_FLAVOUR" = systemd ]; then
 	sleep 1
 	fact sd.reload-unpinned "vcpus partition after daemon-reload, nothing pinning cpuset" \
 		"$(val $part/cpuset.cpus.partition)"
-	fact sd.reload-unpinned-controllers "Controllers after that daemon-reload" "$(controllers)"
+	# Which controllers systemd 252 also drops on the slice and the root here depends on timing
+	# (seen both ways): a note, not a fact.
+	note "controllers after the unpinned daemon-reload: $(controllers)"
 	# Build it again, then pin cpuset with +cpuset in the partition's own subtree_control.
 	enable_cpuset > /dev/null
 	chain > /dev/null
