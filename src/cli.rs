@@ -131,11 +131,7 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
                 Some(p) => vec![parse_phase(&p)?],
                 None => vec![Phase::PreStart, Phase::PostStart],
             };
-            let mut out = Vec::new();
-            for phase in phases {
-                out.extend(crate::report::render_plan(&env, &host, vmid, phase)?);
-            }
-            out
+            crate::report::render_plan(&env, &host, vmid, &phases)?
         }
         Some(Command::Rollback { vmid }) => {
             vec![hook::rollback_command(&env, &host, parse_vmid(&vmid)?)?]
