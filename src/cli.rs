@@ -6,6 +6,7 @@ use crate::host::RealHost;
 use crate::plan::Phase;
 use crate::root::Root;
 use clap::{Parser, Subcommand};
+use std::io::{self, Write};
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
@@ -81,18 +82,26 @@ pub fn main() -> i32 {
         }
     };
     init_logging(&cli);
-    match run(cli) {
-        Ok(lines) => {
-            for line in lines.iter().filter(|l| !l.is_empty()) {
-                println!("{line}");
-            }
-            exit::OK
-        }
+    match run(cli).and_then(|lines| print(&lines)) {
+        Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("pvetune: error: {e}");
+            if !e.is_quiet() {
+                // Nothing is left to tell when stderr is closed too.
+                let _ = writeln!(io::stderr().lock(), "pvetune: error: {e}");
+            }
             e.exit_code()
         }
     }
+}
+
+/// The only writer of stdout. Its errors are values: a reader that went away (`| head`, a
+/// pager) ends the command quietly instead of the panic `println!` would raise.
+fn print(lines: &[String]) -> Result<(), Error> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for line in lines.iter().filter(|l| !l.is_empty()) {
+        writeln!(out, "{line}").map_err(Error::Output)?;
+    }
+    out.flush().map_err(Error::Output)
 }
 
 fn init_logging(cli: &Cli) {
@@ -122,11 +131,7 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
                 Some(p) => vec![parse_phase(&p)?],
                 None => vec![Phase::PreStart, Phase::PostStart],
             };
-            let mut out = Vec::new();
-            for phase in phases {
-                out.extend(crate::report::render_plan(&env, &host, vmid, phase)?);
-            }
-            out
+            crate::report::render_plan(&env, &host, vmid, &phases)?
         }
         Some(Command::Rollback { vmid }) => {
             vec![hook::rollback_command(&env, &host, parse_vmid(&vmid)?)?]

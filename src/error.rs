@@ -7,6 +7,7 @@ use crate::state::StateError;
 use crate::topology::TopologyError;
 use crate::vm::VmError;
 use crate::vmconfig::VmConfigError;
+use std::io;
 use std::path::PathBuf;
 
 /// Exit codes (also in `--help` and docs/operations.md).
@@ -42,6 +43,10 @@ pub enum Error {
     Apply { phase: Phase, source: ExecError },
     #[error("rollback of VM {vmid} incomplete, the rest stays in the ledger for the next run: {}", errors.join("; "))]
     Rollback { vmid: u32, errors: Vec<String> },
+    /// Writing the command's output failed. A closed pipe is not a failure: it is how
+    /// `pvetune plan | head`, or a pager quit early, ends a command (see [`Error::is_quiet`]).
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
 }
 
 fn place(path: &std::path::Path, e: &PlanError) -> String {
@@ -55,6 +60,7 @@ fn place(path: &std::path::Path, e: &PlanError) -> String {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
+            Error::Output(_) if self.is_quiet() => exit::OK,
             Error::Usage(_) | Error::Profile(_) | Error::Plan { .. } | Error::VmConfig(_) => {
                 exit::INVALID
             }
@@ -63,7 +69,14 @@ impl Error {
             | Error::Vm { .. }
             | Error::NotRunning { .. }
             | Error::State(_)
-            | Error::Apply { .. } => exit::FAILED,
+            | Error::Apply { .. }
+            | Error::Output(_) => exit::FAILED,
         }
+    }
+
+    /// The reader of the output went away (EPIPE): the command ends with exit 0 and says
+    /// nothing, like any command-line tool whose output is cut short.
+    pub fn is_quiet(&self) -> bool {
+        matches!(self, Error::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
     }
 }

@@ -53,7 +53,7 @@ fn cpufreq_of(root: &Root, cpu: u32) -> Option<CpuFreq> {
     if !root.path(&governor_path).exists() {
         return None;
     }
-    let available = std::fs::read_to_string(root.path(dir.join("scaling_available_governors")))
+    let available = crate::attr::read(&root.path(dir.join("scaling_available_governors")))
         .map(|s| s.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
     Some(CpuFreq {

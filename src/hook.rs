@@ -58,7 +58,8 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         return Ok(None);
     };
     let profile = profile::load(&path)?;
-    let topology = Topology::read(env.root.base())?;
+    // Only the VM's CPUs: what a plan places threads on (see `Topology::read_for`).
+    let topology = Topology::read_for(env.root.base(), &profile.cpus.value)?;
     let facts = HostFacts::read(
         &env.root,
         &profile.cpus.value,

@@ -6,6 +6,7 @@
 //! syscall). `exec` applies a plan with a write-ahead ledger (`state`) and undoes it.
 #![forbid(unsafe_code)]
 
+pub mod attr;
 pub mod cli;
 pub mod cpuset;
 pub mod error;

@@ -7,27 +7,41 @@ use crate::host::Host;
 use crate::plan::{Action, Phase, Plan, Step, ThreadRef};
 use crate::state::{State, Store};
 
-/// The dry run of one phase, as `target: before -> after` lines. Reads only.
+/// The dry run of `phases`, as `target: before -> after` lines under a heading per phase.
+/// The ledger, the profile, the host and the VM are read once for all of them. Reads only.
 pub fn render_plan<H: Host>(
     env: &Env,
     host: &H,
     vmid: u32,
-    phase: Phase,
+    phases: &[Phase],
 ) -> Result<Vec<String>, Error> {
-    let store = Store::new(&env.root);
-    let state = store.load()?;
-    let mut out = vec![format!("{phase}:")];
-    let plan = if phase == Phase::PostStop {
-        undo_plan(&state, vmid)
-    } else {
+    let state = Store::new(&env.root).load()?;
+    // Post-stop is the undo of the ledger: it needs neither profile nor VM.
+    let loaded = if phases.iter().any(|&p| p != Phase::PostStop) {
         let Some(loaded) = load(env, vmid, true)? else {
             return Ok(vec![format!(
                 "VM {vmid} has no profile: pvetune does nothing for it"
             )]);
         };
-        let others = state.owned_by_others(vmid);
-        plan_for(&loaded, vmid, &others, phase)?
+        Some(loaded)
+    } else {
+        None
     };
+    let others = state.owned_by_others(vmid);
+    let mut out = Vec::new();
+    for &phase in phases {
+        let plan = match &loaded {
+            Some(loaded) if phase != Phase::PostStop => plan_for(loaded, vmid, &others, phase)?,
+            _ => undo_plan(&state, vmid),
+        };
+        out.push(format!("{phase}:"));
+        render_steps(env, host, &plan, &mut out);
+    }
+    Ok(out)
+}
+
+/// One phase's plan: each step with the value its target holds now.
+fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>) {
     for step in &plan.steps {
         let before = match &step.action {
             Action::Write { path, .. } => host
@@ -60,7 +74,6 @@ pub fn render_plan<H: Host>(
     if plan.steps.is_empty() && plan.skipped.is_empty() && plan.notes.is_empty() {
         out.push("  nothing to do".into());
     }
-    Ok(out)
 }
 
 /// What post-stop would do: the undo of the ledger's entries for the VM.

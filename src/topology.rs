@@ -33,7 +33,8 @@ pub struct Topology {
     pub online: CpuSet,
     /// CPUs removed from the scheduler's domains at boot (`isolcpus=`); empty if unknown.
     pub isolated: CpuSet,
-    /// Online CPUs only: offline CPUs have no topology to read.
+    /// Online CPUs only: offline CPUs have no topology to read. All of them from
+    /// [`Topology::read`], the VM's from [`Topology::read_for`].
     pub cpus: BTreeMap<u32, Cpu>,
     /// NUMA nodes, including CPU-less and memoryless ones; ids may be sparse.
     pub nodes: BTreeMap<u32, NumaNode>,
@@ -119,13 +120,26 @@ pub enum TopologyError {
 }
 
 impl Topology {
-    /// Reads the topology under `root` (`/` in production).
+    /// Reads the topology under `root` (`/` in production), every online CPU.
     ///
     /// Broken firmware can make several nodes list the same CPU (`8em64t-2s2ca2c-buggynuma`: 8
     /// nodes each claiming all 8 CPUs). The kernel itself then places a CPU on one node only, so
     /// here each CPU goes to the lowest node that lists it and the other nodes' `cpus` drop it:
     /// node CPU sets are always disjoint.
     pub fn read(root: &Path) -> Result<Topology, TopologyError> {
+        Self::read_cpus(root, None)
+    }
+
+    /// What a plan for a VM owning `cpus` needs: [`Topology::read`], but [`Cpu`] entries
+    /// (siblings, L3, package, ...) only for the online CPUs of `cpus`, so that the cost
+    /// grows with the VM and not with the host. `online`, `isolated`, `nodes` and `hybrid`
+    /// are read whole; the sibling sets and L3 sets of the CPUs read still name CPUs outside
+    /// `cpus`, so [`Topology::smt_width`] is the widest core among the VM's CPUs.
+    pub fn read_for(root: &Path, cpus: &CpuSet) -> Result<Topology, TopologyError> {
+        Self::read_cpus(root, Some(cpus))
+    }
+
+    fn read_cpus(root: &Path, only: Option<&CpuSet>) -> Result<Topology, TopologyError> {
         let cpu_dir = root.join(CPU_DIR);
         let nbits = bitmap_width(&cpu_dir);
         let online = read_online(&cpu_dir, nbits)?;
@@ -133,10 +147,11 @@ impl Topology {
         let isolated = read_list(&cpu_dir.join("isolated"), nbits).unwrap_or_default();
         let hybrid = read_hybrid(root, nbits, &online);
         let nodes = read_nodes(&root.join(NODE_DIR), nbits, &online);
+        let wanted = only.map_or_else(|| online.clone(), |set| set.intersection(&online));
         let mut cpus = BTreeMap::new();
-        for id in online.iter() {
+        for id in wanted.iter() {
             let mut cpu = read_cpu(&cpu_dir.join(format!("cpu{id}")), id, nbits, &online);
-            cpu.node = nodes.values().find(|n| n.cpus.contains(id)).map(|n| n.id);
+            cpu.node = node_of(&nodes, id);
             cpu.kind = match &hybrid {
                 Some(h) if h.performance.contains(id) => CpuKind::Performance,
                 Some(h) if h.efficiency.contains(id) => CpuKind::Efficiency,
@@ -153,8 +168,9 @@ impl Topology {
         })
     }
 
-    /// SMT sibling groups of the online CPUs, sorted by lowest CPU. Always a partition: if
-    /// firmware reports overlapping sibling sets, a CPU stays in the first group that claims it.
+    /// SMT sibling groups of the CPUs read (whole: a group can name CPUs that were not read),
+    /// sorted by lowest CPU. Always a partition: if firmware reports overlapping sibling sets,
+    /// a CPU stays in the first group that claims it.
     pub fn cores(&self) -> Vec<CpuSet> {
         partition(self.cpus.values().map(|c| (c.id, &c.siblings)))
     }
@@ -181,7 +197,7 @@ impl Topology {
         )
     }
 
-    /// Online CPUs by `physical_package_id`.
+    /// The CPUs read, by `physical_package_id`.
     pub fn packages(&self) -> BTreeMap<u32, CpuSet> {
         let mut packages: BTreeMap<u32, CpuSet> = BTreeMap::new();
         for cpu in self.cpus.values() {
@@ -190,18 +206,23 @@ impl Topology {
         packages
     }
 
-    /// The most SMT siblings any core has (1 without SMT, 0 with no CPUs).
+    /// The most SMT siblings any core of the CPUs read has (1 without SMT, 0 with no CPUs).
     pub fn smt_width(&self) -> usize {
         self.cores().iter().map(CpuSet::len).max().unwrap_or(0)
     }
 
+    /// The node of any online CPU, read or not (see [`Topology::read_for`]).
     pub fn node_of(&self, cpu: u32) -> Option<u32> {
-        self.cpus.get(&cpu).and_then(|c| c.node)
+        node_of(&self.nodes, cpu)
     }
 
     pub fn cpu(&self, id: u32) -> Option<&Cpu> {
         self.cpus.get(&id)
     }
+}
+
+fn node_of(nodes: &BTreeMap<u32, NumaNode>, cpu: u32) -> Option<u32> {
+    nodes.values().find(|n| n.cpus.contains(cpu)).map(|n| n.id)
 }
 
 /// Groups CPUs by the set each one reports, taking every CPU at most once.

@@ -11,6 +11,17 @@ fn lines(out: &str) -> Vec<&str> {
     out.lines().map(str::trim).collect()
 }
 
+/// Asserts that the plan (VM not running) pins each vCPU on its host CPU.
+fn assert_vcpu_pins(text: &str, pins: &[(u32, u32)]) {
+    let l = lines(text);
+    for (vcpu, cpu) in pins {
+        assert!(
+            l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()),
+            "vCPU {vcpu} -> {cpu}: {text}"
+        );
+    }
+}
+
 #[test]
 fn plan_on_ryzen_pairs_guest_siblings_with_host_siblings() {
     let host = fixture::example_host("ryzen-5900x");
@@ -20,12 +31,10 @@ fn plan_on_ryzen_pairs_guest_siblings_with_host_siblings() {
     let l = lines(&text);
     // Guest core k (vCPUs 2k, 2k+1) -> host core 6+k (CPUs 6+k and 18+k): the seed's
     // libvirt layout, derived from sysfs instead of a hard-coded table.
-    for (vcpu, cpu) in [(0, 6), (1, 18), (2, 7), (3, 19), (10, 11), (11, 23)] {
-        assert!(
-            l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()),
-            "{text}"
-        );
-    }
+    assert_vcpu_pins(
+        &text,
+        &[(0, 6), (1, 18), (2, 7), (3, 19), (10, 11), (11, 23)],
+    );
     assert!(
         l.contains(&"emulator threads (not running): - -> 0-5,12-17"),
         "{text}"
@@ -52,12 +61,8 @@ fn plan_on_xeon_puts_one_vcpu_per_core_on_node_1() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let l = lines(&text);
-    for vcpu in 0..8 {
-        assert!(
-            l.contains(&format!("vCPU {vcpu} (not running): - -> {}", 8 + vcpu).as_str()),
-            "{text}"
-        );
-    }
+    let pins: Vec<(u32, u32)> = (0..8).map(|vcpu| (vcpu, 8 + vcpu)).collect();
+    assert_vcpu_pins(&text, &pins);
     assert!(l.contains(&"iothreads (not running): - -> 24-31"), "{text}");
     assert!(
         l.contains(&"emulator threads (not running): - -> 0-7,16-31"),
@@ -79,17 +84,31 @@ fn plan_on_hybrid_keeps_p_core_pairs() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let l = lines(&text);
-    for (vcpu, cpu) in [(0, 8), (1, 9), (2, 10), (7, 15)] {
-        assert!(
-            l.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}").as_str()),
-            "{text}"
-        );
-    }
+    assert_vcpu_pins(&text, &[(0, 8), (1, 9), (2, 10), (7, 15)]);
     // Housekeeping: the other P-cores and the E-cores.
     assert!(
         l.contains(&"emulator threads (not running): - -> 0-7,16-19"),
         "{text}"
     );
+}
+
+#[test]
+fn auto_layout_on_cores_without_smt_is_cores_first() {
+    // The guest has SMT and so do the host's P-cores, but the VM owns only E-cores: pairs of
+    // host siblings do not exist inside its CPUs, so `auto` spreads the vCPUs over cores.
+    let root = host_copy("intel-hybrid");
+    write(&root.path, "/etc/pve/pvetune/300.yaml", "cpus: 16-19\n");
+    let conf = root.path.join("etc/pve/qemu-server/300.conf");
+    let text = std::fs::read_to_string(&conf).unwrap().replace(
+        "-smp 8,sockets=1,cores=4,threads=2",
+        "-smp 4,sockets=1,cores=2,threads=2",
+    );
+    std::fs::write(&conf, text).unwrap();
+    let out = pvetune(&root.path, &["plan", "300", "--phase", "post-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_vcpu_pins(&text, &[(0, 16), (1, 17), (2, 18), (3, 19)]);
+    assert!(text.contains("layout cores-first"), "{text}");
 }
 
 #[test]

@@ -32,7 +32,22 @@ fn generated(spec: &HostSpec) -> (TempDir, Topology) {
     let dir = TempDir::new("host");
     write_host(dir.path(), spec);
     let topo = Topology::read(dir.path()).expect("read generated host");
+    read_for_is_read_restricted(dir.path(), &topo);
     (dir, topo)
+}
+
+/// `Topology::read_for(cpus)` is `Topology::read` with the CPU entries of `cpus` only, for
+/// some CPUs of every core (every third CPU, and one the host does not have).
+fn read_for_is_read_restricted(root: &Path, full: &Topology) {
+    let mut cpus: CpuSet = full.online.iter().filter(|c| c % 3 == 1).collect();
+    cpus.insert(8000);
+    let part = Topology::read_for(root, &cpus).expect("read_for");
+    let mut want = full.clone();
+    want.cpus.retain(|id, _| cpus.contains(*id));
+    assert_eq!(part, want, "{}", root.display());
+    for cpu in full.online.iter() {
+        assert_eq!(part.node_of(cpu), full.node_of(cpu), "node of CPU {cpu}");
+    }
 }
 
 /// Node ids with their CPU lists.
@@ -207,6 +222,52 @@ fn offline_cpus_leave_cores_and_nodes() {
 }
 
 #[test]
+fn read_for_reads_nothing_of_the_other_cpus() {
+    let spec = example("ryzen-5900x");
+    let intact = TempDir::new("intact");
+    write_host(intact.path(), &spec);
+    let (dir, _) = generated(&spec);
+    let vm = set("6-11,18-23");
+    // The other CPUs' topology and caches are gone: reading them would fall back to
+    // "its own core, no L3" and differ from the intact host.
+    for cpu in set("0-5,12-17").iter() {
+        let cpu_dir = dir.path().join(format!("sys/devices/system/cpu/cpu{cpu}"));
+        fs::remove_dir_all(cpu_dir.join("topology")).unwrap();
+        fs::remove_dir_all(cpu_dir.join("cache")).unwrap();
+    }
+    let want = Topology::read_for(intact.path(), &vm).unwrap();
+    let got = Topology::read_for(dir.path(), &vm).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(strings(&got.cores_in(&vm))[..2], ["6,18", "7,19"]);
+    assert_eq!(strings(&got.l3_domains()), ["6-11,18-23"]);
+    assert_eq!(got.smt_width(), 2);
+    assert_eq!(got.node_of(0), Some(0));
+}
+
+#[test]
+fn l3_is_found_whatever_its_index_and_missing_levels_are_passed_over() {
+    let (dir, full) = generated(&example("xeon-2s"));
+    let cache = dir.path().join("sys/devices/system/cpu/cpu9/cache");
+    // Old Intel kernels: no L1i entry, L3 at index2 (and no index3).
+    fs::remove_dir_all(cache.join("index1")).unwrap();
+    fs::rename(cache.join("index2"), cache.join("index1")).unwrap();
+    fs::rename(cache.join("index3"), cache.join("index2")).unwrap();
+    let t = Topology::read(dir.path()).unwrap();
+    assert_eq!(t.cpu(9), full.cpu(9));
+    // An entry without a level does not end the scan.
+    fs::remove_file(cache.join("index0/level")).unwrap();
+    let t = Topology::read(dir.path()).unwrap();
+    assert_eq!(t.cpu(9), full.cpu(9));
+    // No cache directory at all: no L3.
+    fs::remove_dir_all(&cache).unwrap();
+    let t = Topology::read(dir.path()).unwrap();
+    assert_eq!(
+        t.cpu(9).map(|c| (c.l3.clone(), c.l3_id)),
+        Some((None, None))
+    );
+}
+
+#[test]
 fn unreadable_cpu_dir_and_bad_online_are_errors() {
     let dir = TempDir::new("broken");
     let err = Topology::read(dir.path()).unwrap_err();
@@ -244,6 +305,7 @@ fn capture(rel: &str) -> Option<(TempDir, Topology)> {
     };
     let (dir, root) = extract_capture(&peer.join(rel));
     let topo = Topology::read(&root).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    read_for_is_read_restricted(&root, &topo);
     Some((dir, topo))
 }
 

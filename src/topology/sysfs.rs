@@ -4,11 +4,15 @@
 use super::{
     CPU_ATOM_PMU_CPUS, CPU_CORE_PMU_CPUS, Cpu, CpuKind, HugePool, Hybrid, NumaNode, TopologyError,
 };
+use crate::attr;
 use crate::cpuset::{CpuSet, MAX_CPUS};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+/// More `cache/indexK` entries than any CPU has (the kernel makes one per cache leaf).
+const MAX_CACHE_INDEXES: u32 = 64;
 
 /// Bitmap width for parsing: masks are printed `nr_cpu_ids` wide, which never exceeds
 /// `kernel_max + 1`; [`MAX_CPUS`] is the floor so captures without `kernel_max` still parse.
@@ -22,7 +26,7 @@ pub(super) fn bitmap_width(cpu_dir: &Path) -> u32 {
 /// usually has no `online` file because the boot CPU cannot be hot-unplugged on x86.
 pub(super) fn read_online(cpu_dir: &Path, nbits: u32) -> Result<CpuSet, TopologyError> {
     let path = cpu_dir.join("online");
-    match fs::read_to_string(&path) {
+    match attr::read(&path) {
         Ok(text) => {
             return CpuSet::parse_list(&text, nbits)
                 .map_err(|source| TopologyError::OnlineList { path, source });
@@ -49,7 +53,7 @@ pub(super) fn read_online(cpu_dir: &Path, nbits: u32) -> Result<CpuSet, Topology
             continue;
         };
         let flag = entry.path().join("online");
-        match fs::read_to_string(&flag) {
+        match attr::read(&flag) {
             Ok(text) => match text.trim() {
                 "1" => online.insert(id),
                 "0" => {}
@@ -94,21 +98,20 @@ pub(super) fn read_cpu(dir: &Path, id: u32, nbits: u32, online: &CpuSet) -> Cpu 
     }
 }
 
-/// The level-3 entry among `cache/indexK`. Its index varies: old Intel kernels had no
-/// separate L1i entry, so L3 was `index2` there.
+/// The level-3 entry among `cache/index0`, `index1`, ...; its index varies: old Intel kernels
+/// had no separate L1i entry, so L3 was `index2` there. The kernel numbers the entries from 0
+/// without gaps, so the scan goes up from `index0` and stops at the first level-3 entry with
+/// a CPU set, or at the first index that does not exist: neither the directory listing nor
+/// the entries after L3 (or their other files) are read.
 pub(super) fn read_l3(cache: &Path, nbits: u32, online: &CpuSet) -> (Option<CpuSet>, Option<u32>) {
-    let Ok(entries) = fs::read_dir(cache) else {
-        return (None, None);
-    };
-    let mut indexes: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("index"))
-        .map(|e| e.path())
-        .collect();
-    indexes.sort();
-    for index in indexes {
-        if read_u64(&index.join("level")) != Some(3) {
-            continue;
+    for k in 0..MAX_CACHE_INDEXES {
+        let index = cache.join(format!("index{k}"));
+        match read_u64(&index.join("level")) {
+            Some(3) => {}
+            Some(_) => continue,
+            // An entry without a readable level is passed over; a missing entry is the end.
+            None if index.is_dir() => continue,
+            None => break,
         }
         let Some(shared) = read_set_pair(&index, "shared_cpu", nbits) else {
             continue;
@@ -168,7 +171,7 @@ pub(super) fn read_nodes(dir: &Path, nbits: u32, online: &CpuSet) -> BTreeMap<u3
 
 /// `Node N MemTotal:   X kB` in `nodeN/meminfo`.
 pub(super) fn read_mem_total(path: &Path) -> Option<u64> {
-    let text = fs::read_to_string(path).ok()?;
+    let text = attr::read(path).ok()?;
     text.lines().find_map(|line| {
         let mut words = line.split_whitespace().skip(2);
         (words.next() == Some("MemTotal:"))
@@ -231,16 +234,16 @@ pub(super) fn read_set_pair(dir: &Path, stem: &str, nbits: u32) -> Option<CpuSet
 /// A cpulist file, else a cpumask file; `None` if neither reads and parses.
 pub(super) fn read_set(list: &Path, mask: &Path, nbits: u32) -> Option<CpuSet> {
     read_list(list, nbits).or_else(|| {
-        let text = fs::read_to_string(mask).ok()?;
+        let text = attr::read(mask).ok()?;
         CpuSet::parse_mask(&text, nbits).ok()
     })
 }
 
 pub(super) fn read_list(path: &Path, nbits: u32) -> Option<CpuSet> {
-    let text = fs::read_to_string(path).ok()?;
+    let text = attr::read(path).ok()?;
     CpuSet::parse_list(&text, nbits).ok()
 }
 
 pub(super) fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+    attr::read(path).ok()?.trim().parse().ok()
 }

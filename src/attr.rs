@@ -1,0 +1,97 @@
+//! Reading small kernel attribute files (sysfs, procfs) with as few system calls as possible.
+//!
+//! `fs::read_to_string` costs five system calls per file: open, a `statx` for a size hint, a
+//! read, a second read that sees the end, close. Planning reads about ten such files per CPU
+//! it places threads on, so [`read`] does it in three: open, one read, close.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+/// The size of the first read. A kernel attribute is printed into one page and one `read` of
+/// at least that much hands it out whole; binary attributes (the cpulists of very large
+/// machines, since Linux 5.14) hand out a page per `read`, and a page is at least this big.
+const FIRST_READ: usize = 4096;
+
+/// The whole content of a one-value kernel attribute, as text.
+///
+/// A first read shorter than [`FIRST_READ`] has seen the end: true of sysfs attributes, of
+/// one-record procfs files and of the regular files in fixture trees. Only a read that fills
+/// the buffer can have more behind it, and then reading goes on to the end. Not for files of
+/// many records (`/proc/<pid>/maps`, `cgroup.procs`): the kernel hands those out a page of
+/// whole records at a time, so a short read can come before the end.
+pub fn read(path: &Path) -> io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut buf = vec![0; FIRST_READ];
+    let n = loop {
+        match file.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other?,
+        }
+    };
+    buf.truncate(n);
+    if n == FIRST_READ {
+        file.read_to_end(&mut buf)?;
+    }
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("pvetune-attr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn reads_short_page_sized_and_long_files_whole() {
+        for len in [
+            0,
+            1,
+            FIRST_READ - 1,
+            FIRST_READ,
+            FIRST_READ + 1,
+            3 * FIRST_READ + 7,
+        ] {
+            let path = temp(&format!("len{len}"));
+            let text: String = (0..len)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            std::fs::write(&path, &text).unwrap();
+            assert_eq!(read(&path).unwrap(), text, "{len} bytes");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn reads_this_machines_attributes_as_read_to_string_does() {
+        for path in [
+            "/sys/devices/system/cpu/online",
+            "/sys/devices/system/cpu/cpu0/topology/thread_siblings_list",
+            "/sys/devices/system/cpu/cpu0/cache/index0/level",
+            "/sys/devices/system/node/node0/meminfo",
+            "/proc/sys/kernel/ostype",
+        ] {
+            let path = Path::new(path);
+            if let Ok(want) = std::fs::read_to_string(path) {
+                assert_eq!(read(path).unwrap(), want, "{}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn keeps_the_error_kinds() {
+        let missing = temp("missing");
+        assert_eq!(read(&missing).unwrap_err().kind(), io::ErrorKind::NotFound);
+        let binary = temp("binary");
+        std::fs::write(&binary, [0xff, 0xfe]).unwrap();
+        assert_eq!(
+            read(&binary).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        std::fs::remove_file(&binary).unwrap();
+    }
+}
