@@ -398,9 +398,10 @@ impl Store {
             None => ("", text.as_str()),
         };
         if !torn.is_empty() {
-            // Its append was cut short, so none of the writes it announced had started.
-            log::warn!(
-                "{}: ignoring a last line cut short by a crash ({} bytes)",
+            // An append cut short by a crash (none of the writes it announced had started), or
+            // one still being written while this run reads without the node lock (`status`).
+            log::info!(
+                "{}: ignoring a last line without its newline ({} bytes)",
                 path.display(),
                 torn.len()
             );
