@@ -1,15 +1,31 @@
-//! Executing a plan: write-ahead ledger, apply, and undo, once per primitive action.
+//! Executing a plan: write-ahead ledger, apply, and undo, one batch at a time.
 //!
-//! For every change the old value is put in the ledger and the ledger is saved *before* the
-//! change is made. A phase that fails halfway undoes its own changes in reverse; a crash
-//! leaves a ledger that a later run (`rollback`, or the reconcile step of any hook) replays.
-//! Undo is idempotent: restoring a value that is already there writes nothing.
+//! Crash model (the ledger's side is in `state.rs`): pvetune may die at any point, and a later
+//! run (`rollback`, or the reconcile step of any hook) must still put every file back byte for
+//! byte and every thread back on its CPUs. Cost model: a batch of thousands of changes (one
+//! per IRQ) must cost time linear in its size. So a batch (one [`Executor::apply`]) goes:
+//!
+//! 1. plan: read every target once (the file's bytes, the thread's affinity) and work out the
+//!    ledger entries the batch leads to; nothing changes yet, and a read that fails here
+//!    fails the batch before anything happened;
+//! 2. record: append those entries, with the old values, to the ledger's journal: one write
+//!    and one fdatasync for the whole batch (write-ahead);
+//! 3. change: make the writes and pins in order, skipping those already in place.
+//!
+//! A crash after 2 leaves a ledger that claims files some of which were never written: undo
+//! writes the original over an unchanged file, which is a no-op. A failure in 3 undoes the
+//! batch in reverse (each file back to the bytes read in 1) and journals the ledger entries as
+//! they were before (one more append). [`Executor::rollback`] makes its writes first and
+//! journals what it released after them: a crash in between leaves the claims in the ledger,
+//! and the next rollback finds their files already restored. Undo is idempotent throughout.
+//! Per change: one read and at most one write; per batch: a constant number of ledger writes.
 
 use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::{Action, Step, ThreadRef};
 use crate::root::Root;
-use crate::state::{Claim, Holder, PinRecord, State, StateError, Store, VmRecord};
+use crate::state::{Change, Claim, Holder, PinRecord, State, StateError, Store, VmRecord};
+use std::collections::HashMap;
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +59,21 @@ pub struct Applied {
     pub vanished: usize,
 }
 
-/// One applied change, as needed to take it back if the phase fails later.
-enum Undo {
-    Claim {
+/// One change of a batch, as planned before anything is changed.
+enum Intent {
+    /// Claim `path` for this VM: the file holds `current` and is to hold `effective`.
+    Write {
         path: String,
-        previous: Option<String>,
+        current: String,
+        effective: String,
+        /// The claim before this change (None: there was none), what undo puts back.
+        previous: Option<Claim>,
     },
     Pin {
+        thread: ThreadRef,
         tid: i32,
+        cpus: CpuSet,
+        current: CpuSet,
         previous: Option<PinRecord>,
     },
 }
@@ -74,165 +97,246 @@ impl<'a, H: Host> Executor<'a, H> {
         }
     }
 
-    /// Applies the steps in order. On the first failure, every change made by this call is
-    /// undone (in reverse), and the error is returned.
+    /// Applies the steps in order, as one batch (see the module doc). On the first failure,
+    /// every change made by this call is undone (in reverse), and the error is returned.
     pub fn apply(&mut self, steps: &[Step]) -> Result<Applied, ExecError> {
-        let mut undo = Vec::new();
         let mut applied = Applied::default();
-        for step in steps {
-            let result = match &step.action {
-                Action::Write { path, value } => self.claim(path, value, &mut undo),
-                Action::Pin { thread, cpus } => self.pin(thread, cpus, &mut undo),
-            };
-            match result {
+        let (intents, changes) = self.prepare(steps, &mut applied)?;
+        self.store.append(&mut self.state, &changes)?;
+        let mut gone = Vec::new();
+        for (i, intent) in intents.iter().enumerate() {
+            match self.perform(intent) {
                 Ok(Some(true)) => applied.changed += 1,
                 Ok(Some(false)) => applied.unchanged += 1,
-                Ok(None) => applied.vanished += 1,
-                Err(e) => {
-                    for entry in undo.into_iter().rev() {
-                        if let Err(undo_err) = self.undo(entry) {
-                            log::error!("undo after failure: {undo_err}");
-                        }
+                Ok(None) => {
+                    applied.vanished += 1;
+                    if let Intent::Pin { tid, .. } = intent {
+                        // It exited before its pin: there is nothing to put back for it.
+                        gone.push(Change::Pin {
+                            vmid: self.vmid,
+                            tid: *tid,
+                            pin: None,
+                        });
                     }
+                }
+                Err(e) => {
+                    self.undo(&intents, i);
                     return Err(e);
                 }
             }
         }
+        // Only tidies the ledger: a failure here undoes nothing, and a later rollback finds the
+        // threads gone anyway.
+        if let Err(e) = self.journal(gone) {
+            log::warn!("ledger: {e}");
+        }
         Ok(applied)
     }
 
-    /// Claims a host-wide file for this VM and writes the effective value.
-    fn claim(
-        &mut self,
-        path: &str,
-        value: &str,
-        undo: &mut Vec<Undo>,
-    ) -> Result<Option<bool>, ExecError> {
-        let current = self.read(path)?;
-        let claim = self
+    /// Step 1 of a batch: reads every target once and works out the intents and the ledger
+    /// entries they lead to, without changing anything (the ledger in memory included).
+    fn prepare(
+        &self,
+        steps: &[Step],
+        applied: &mut Applied,
+    ) -> Result<(Vec<Intent>, Vec<Change>), ExecError> {
+        let mut intents = Vec::with_capacity(steps.len());
+        let mut changes = Vec::with_capacity(steps.len());
+        // Entries as this batch leaves them so far: a path or thread that comes twice sees its
+        // first change, and the value it will hold by then, without a lookup in a list.
+        let mut claims: HashMap<&str, Claim> = HashMap::new();
+        let mut pins: HashMap<i32, PinRecord> = HashMap::new();
+        let held: HashMap<i32, &PinRecord> = self
             .state
-            .claims
-            .entry(path.to_string())
-            .or_insert_with(|| Claim {
-                original: current.clone(),
-                holders: Vec::new(),
-            });
-        let previous = match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
-            Some(h) => Some(std::mem::replace(&mut h.value, value.to_string())),
-            None => {
-                claim.holders.push(Holder {
-                    vmid: self.vmid,
-                    value: value.to_string(),
-                });
-                None
-            }
-        };
-        let effective = claim.effective().to_string();
-        undo.push(Undo::Claim {
-            path: path.to_string(),
-            previous,
-        });
-        self.store.save(&self.state)?;
-        self.write_if_different(path, &current, &effective)
-    }
-
-    /// Pins one thread, keeping its affinity from before pvetune's first pin.
-    fn pin(
-        &mut self,
-        thread: &ThreadRef,
-        cpus: &CpuSet,
-        undo: &mut Vec<Undo>,
-    ) -> Result<Option<bool>, ExecError> {
-        let Some(tid) = thread.tid else {
-            return Err(ExecError::NotRunning {
-                thread: thread.to_string(),
-            });
-        };
-        let current = match self.host.get_affinity(tid) {
-            Ok(c) => c,
-            // QEMU's worker threads come and go: one that exited is not an error.
-            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => return Ok(None),
-            Err(source) => return Err(pin_error(thread, cpus, source)),
-        };
-        let record = self.state.vms.entry(self.vmid).or_default();
-        let index = record.pins.iter().position(|p| p.tid == tid);
-        let previous = index.map(|i| record.pins[i].clone());
-        match index {
-            Some(i) => record.pins[i].new = cpus.clone(),
-            None => record.pins.push(PinRecord {
-                tid,
-                label: thread.label.clone(),
-                old: current.clone(),
-                new: cpus.clone(),
-            }),
-        }
-        undo.push(Undo::Pin { tid, previous });
-        self.store.save(&self.state)?;
-        if current == *cpus {
-            return Ok(Some(false));
-        }
-        match self.host.set_affinity(tid, cpus) {
-            Ok(()) => Ok(Some(true)),
-            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(None),
-            Err(source) => Err(pin_error(thread, cpus, source)),
-        }
-    }
-
-    fn undo(&mut self, entry: Undo) -> Result<(), ExecError> {
-        match entry {
-            Undo::Claim {
-                path,
-                previous: None,
-            } => self.release_claim(&path),
-            Undo::Claim {
-                path,
-                previous: Some(value),
-            } => {
-                let current = self.read(&path)?;
-                let Some(claim) = self.state.claims.get_mut(&path) else {
-                    return Ok(());
-                };
-                if let Some(h) = claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
-                    h.value = value;
-                }
-                let effective = claim.effective().to_string();
-                self.store.save(&self.state)?;
-                self.write_if_different(&path, &current, &effective)
-                    .map(drop)
-            }
-            Undo::Pin { tid, previous } => {
-                let record = self.state.vms.entry(self.vmid).or_default();
-                let Some(i) = record.pins.iter().position(|p| p.tid == tid) else {
-                    return Ok(());
-                };
-                let target = match &previous {
-                    Some(prev) => prev.new.clone(),
-                    None => record.pins[i].old.clone(),
-                };
-                self.restore_affinity(tid, &target)?;
-                let record = self.state.vms.entry(self.vmid).or_default();
-                match previous {
-                    Some(prev) => record.pins[i] = prev,
-                    None => {
-                        record.pins.remove(i);
+            .vms
+            .get(&self.vmid)
+            .map(|r| r.pins.iter().map(|p| (p.tid, p)).collect())
+            .unwrap_or_default();
+        for step in steps {
+            match &step.action {
+                Action::Write { path, value } => {
+                    let (current, previous) = match claims.get(path.as_str()) {
+                        Some(claim) => (claim.effective().to_string(), Some(claim.clone())),
+                        None => (self.read(path)?, self.state.claims.get(path).cloned()),
+                    };
+                    let mut claim = previous.clone().unwrap_or_else(|| Claim {
+                        original: current.clone(),
+                        holders: Vec::new(),
+                    });
+                    match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
+                        Some(h) => h.value = value.clone(),
+                        None => claim.holders.push(Holder {
+                            vmid: self.vmid,
+                            value: value.clone(),
+                        }),
                     }
+                    let effective = claim.effective().to_string();
+                    changes.push(Change::Claim {
+                        path: path.clone(),
+                        claim: Some(claim.clone()),
+                    });
+                    claims.insert(path, claim);
+                    intents.push(Intent::Write {
+                        path: path.clone(),
+                        current,
+                        effective,
+                        previous,
+                    });
                 }
-                // A record that only this apply created goes with it.
-                if *record == VmRecord::default() {
-                    self.state.vms.remove(&self.vmid);
+                Action::Pin { thread, cpus } => {
+                    let Some(tid) = thread.tid else {
+                        return Err(ExecError::NotRunning {
+                            thread: thread.to_string(),
+                        });
+                    };
+                    let previous = pins.get(&tid).or_else(|| held.get(&tid).copied()).cloned();
+                    let current = match (&previous, pins.contains_key(&tid)) {
+                        (Some(prev), true) => prev.new.clone(),
+                        _ => match self.host.get_affinity(tid) {
+                            Ok(c) => c,
+                            // QEMU's worker threads come and go: one that exited is not an
+                            // error.
+                            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => {
+                                applied.vanished += 1;
+                                continue;
+                            }
+                            Err(source) => return Err(pin_error(thread, cpus, source)),
+                        },
+                    };
+                    let record = PinRecord {
+                        tid,
+                        label: previous
+                            .as_ref()
+                            .map_or_else(|| thread.label.clone(), |p| p.label.clone()),
+                        old: previous
+                            .as_ref()
+                            .map_or_else(|| current.clone(), |p| p.old.clone()),
+                        new: cpus.clone(),
+                    };
+                    changes.push(Change::Pin {
+                        vmid: self.vmid,
+                        tid,
+                        pin: Some(record.clone()),
+                    });
+                    pins.insert(tid, record);
+                    intents.push(Intent::Pin {
+                        thread: thread.clone(),
+                        tid,
+                        cpus: cpus.clone(),
+                        current,
+                        previous,
+                    });
                 }
-                self.store.save(&self.state)?;
-                Ok(())
             }
         }
+        Ok((intents, changes))
+    }
+
+    /// Step 3 of a batch, for one intent: Some(changed?), or None for a thread that exited.
+    fn perform(&self, intent: &Intent) -> Result<Option<bool>, ExecError> {
+        match intent {
+            Intent::Write {
+                path,
+                current,
+                effective,
+                ..
+            } => self.write_if_different(path, current, effective),
+            Intent::Pin {
+                thread,
+                tid,
+                cpus,
+                current,
+                ..
+            } => {
+                if current == cpus {
+                    return Ok(Some(false));
+                }
+                match self.host.set_affinity(*tid, cpus) {
+                    Ok(()) => Ok(Some(true)),
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => Ok(None),
+                    Err(source) => Err(pin_error(thread, cpus, source)),
+                }
+            }
+        }
+    }
+
+    /// Takes back a batch whose intent `failed` failed, last intent first: the ledger gets
+    /// back its entries from before the batch, in one append, and each file and thread up to
+    /// `failed` (the later ones were not touched) the bytes or affinity it had before. An
+    /// entry whose undo fails stays as the batch recorded it, for a later rollback.
+    fn undo(&mut self, intents: &[Intent], failed: usize) {
+        let mut changes = Vec::new();
+        for (i, intent) in intents.iter().enumerate().rev() {
+            let undone = match intent {
+                Intent::Write { path, previous, .. } if i > failed => Ok(Change::Claim {
+                    path: path.clone(),
+                    claim: previous.clone(),
+                }),
+                Intent::Pin { tid, previous, .. } if i > failed => Ok(Change::Pin {
+                    vmid: self.vmid,
+                    tid: *tid,
+                    pin: previous.clone(),
+                }),
+                Intent::Write {
+                    path,
+                    current: before,
+                    previous,
+                    ..
+                } => self
+                    .read(path)
+                    .and_then(|now| self.write_if_different(path, &now, before))
+                    .map(|_| Change::Claim {
+                        path: path.clone(),
+                        claim: previous.clone(),
+                    }),
+                Intent::Pin {
+                    tid,
+                    current: before,
+                    previous,
+                    ..
+                } => self.restore_affinity(*tid, before).map(|()| Change::Pin {
+                    vmid: self.vmid,
+                    tid: *tid,
+                    pin: previous.clone(),
+                }),
+            };
+            match undone {
+                Ok(change) => changes.push(change),
+                Err(e) => log::error!("undo after failure: {e}"),
+            }
+        }
+        if let Err(e) = self.journal(changes) {
+            log::error!("undo after failure: {e}");
+        }
+    }
+
+    /// Journals changes of this VM's entries; a VM record left with nothing in it (one that
+    /// only pins of this batch had created) goes with them.
+    fn journal(&mut self, changes: Vec<Change>) -> Result<(), StateError> {
+        self.store.append(&mut self.state, &changes)?;
+        if self
+            .state
+            .vms
+            .get(&self.vmid)
+            .is_some_and(|r| *r == VmRecord::default())
+        {
+            let drop = [Change::Vm {
+                vmid: self.vmid,
+                record: None,
+            }];
+            self.store.append(&mut self.state, &drop)?;
+        }
+        Ok(())
     }
 
     /// Takes back everything the ledger holds for this VM: its claims (each file gets the value
-    /// the remaining claimers need, or its original) and its thread pins. Every undone entry is
-    /// saved at once, so an interrupted rollback resumes where it stopped. Errors do not stop
-    /// the rollback; the entries that failed stay in the ledger for a later run.
+    /// the remaining claimers need, or its original) and its thread pins. The writes come
+    /// first, then one journal append forgets what was undone, so an interrupted rollback is
+    /// simply done again (finding the files already restored). Errors do not stop the
+    /// rollback; the entries that failed stay in the ledger for a later run.
     pub fn rollback(&mut self, process_alive: bool) -> Vec<ExecError> {
         let mut errors = Vec::new();
+        let mut changes = Vec::new();
         let paths: Vec<String> = self
             .state
             .claims
@@ -241,48 +345,56 @@ impl<'a, H: Host> Executor<'a, H> {
             .map(|(p, _)| p.clone())
             .collect();
         for path in paths.iter().rev() {
-            if let Err(e) = self.release_claim(path) {
-                errors.push(e);
+            match self.release_claim(path) {
+                Ok(change) => changes.extend(change),
+                Err(e) => errors.push(e),
             }
         }
-        let pins = self
-            .state
-            .vms
-            .get(&self.vmid)
-            .map(|r| r.pins.clone())
-            .unwrap_or_default();
-        for pin in pins.iter().rev() {
-            // Threads of a QEMU that exited are gone, and their tids may belong to someone
-            // else now: only restore threads of the very process that was pinned.
-            if process_alive && let Err(e) = self.restore_affinity(pin.tid, &pin.old) {
-                errors.push(e);
-                continue;
-            }
-            if let Some(rec) = self.state.vms.get_mut(&self.vmid) {
-                rec.pins.retain(|p| p.tid != pin.tid);
-            }
-            if let Err(e) = self.store.save(&self.state) {
-                errors.push(e.into());
+        let mut unpinned = Vec::new();
+        if let Some(record) = self.state.vms.get(&self.vmid) {
+            for pin in record.pins.iter().rev() {
+                // Threads of a QEMU that exited are gone, and their tids may belong to someone
+                // else now: only restore threads of the very process that was pinned.
+                if process_alive && let Err(e) = self.restore_affinity(pin.tid, &pin.old) {
+                    errors.push(e);
+                    continue;
+                }
+                unpinned.push(Change::Pin {
+                    vmid: self.vmid,
+                    tid: pin.tid,
+                    pin: None,
+                });
             }
         }
         if errors.is_empty() {
-            self.state.vms.remove(&self.vmid);
-            if let Err(e) = self.store.save(&self.state) {
-                errors.push(e.into());
-            }
+            // The whole record goes, pins included.
+            changes.push(Change::Vm {
+                vmid: self.vmid,
+                record: None,
+            });
+        } else {
+            changes.extend(unpinned);
+        }
+        if let Err(e) = self.store.append(&mut self.state, &changes) {
+            errors.push(e.into());
         }
         errors
     }
 
-    /// Drops this VM's claim on a file and writes what the file should now hold. The file is
-    /// written before the ledger forgets the claim, so a crash in between is simply redone.
-    fn release_claim(&mut self, path: &str) -> Result<(), ExecError> {
+    /// Writes what a file should hold once this VM's claim on it is dropped, and returns the
+    /// ledger entry that drops it (to be journaled after the write: a crash in between leaves
+    /// the claim, and the release is simply done again).
+    fn release_claim(&self, path: &str) -> Result<Option<Change>, ExecError> {
         let Some(claim) = self.state.claims.get(path) else {
-            return Ok(());
+            return Ok(None);
         };
         let current = self.read(path)?;
+        let mut rest = claim.clone();
+        rest.holders.retain(|h| h.vmid != self.vmid);
+        // A file that already holds what it is to hold is a release done again after a crash.
         if claim.holders.last().is_some_and(|h| h.vmid == self.vmid)
             && !same_value(&current, claim.effective())
+            && !same_value(&current, rest.effective())
         {
             log::warn!(
                 "{path} was changed outside pvetune (now '{}', pvetune had set '{}'); restoring anyway",
@@ -290,16 +402,11 @@ impl<'a, H: Host> Executor<'a, H> {
                 claim.effective().trim()
             );
         }
-        let mut rest = claim.clone();
-        rest.holders.retain(|h| h.vmid != self.vmid);
         self.write_if_different(path, &current, rest.effective())?;
-        if rest.holders.is_empty() {
-            self.state.claims.remove(path);
-        } else {
-            self.state.claims.insert(path.to_string(), rest);
-        }
-        self.store.save(&self.state)?;
-        Ok(())
+        Ok(Some(Change::Claim {
+            path: path.to_string(),
+            claim: (!rest.holders.is_empty()).then_some(rest),
+        }))
     }
 
     fn restore_affinity(&self, tid: i32, cpus: &CpuSet) -> Result<(), ExecError> {

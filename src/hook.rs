@@ -12,7 +12,7 @@ use crate::host::Host;
 use crate::plan::{self, Inputs, Phase, Plan};
 use crate::profile::{self, Profile};
 use crate::root::Root;
-use crate::state::{self, State, Store, VmRecord};
+use crate::state::{self, Change, State, Store, VmRecord};
 use crate::topology::Topology;
 use crate::vm::{self, RunningVm};
 use crate::vmconfig::VmConfig;
@@ -82,7 +82,22 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
 
 /// Runs one hook phase exactly as qemu-server calls it.
 pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result<String, Error> {
-    let store = Store::new(&env.root);
+    run_hook_with(env, host, &Store::new(&env.root), vmid, phase)
+}
+
+/// [`run_hook`] on a given ledger store (tests count its writes through it).
+///
+/// Ledger cost: everything the run changes is journaled in batches (reconcile's rollbacks, the
+/// VM's record, the phase's plan as one batch), and one compaction at the end folds the
+/// journal into the snapshot: a constant number of full rewrites per run, whatever the size of
+/// the plan.
+pub fn run_hook_with<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    vmid: u32,
+    phase: Phase,
+) -> Result<String, Error> {
     if phase == Phase::PreStop {
         return Ok(String::new());
     }
@@ -97,12 +112,31 @@ pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result
         return Ok(String::new());
     }
     let _lock = store.lock()?;
-    let mut state = reconcile(env, host, &store, store.load()?, vmid)?;
+    let mut state = store.load()?;
+    let result = run_phase(env, host, store, &mut state, vmid, phase, loaded);
+    // After a failure too: what the journal holds is valid either way, this only keeps it short.
+    if let Err(e) = store.compact(&mut state) {
+        log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
+    }
+    log::debug!("VM {vmid} {phase}: ledger writes: {:?}", store.stats());
+    result
+}
+
+/// The phase itself, under the node lock, on the ledger as loaded.
+fn run_phase<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    state: &mut State,
+    vmid: u32,
+    phase: Phase,
+    loaded: Option<Loaded>,
+) -> Result<String, Error> {
+    reconcile(env, host, store, state, vmid)?;
     match phase {
-        Phase::PreStop => unreachable!("returned above"),
+        Phase::PreStop => Ok(String::new()),
         Phase::PostStop => {
-            let (state, applied) = rollback_vm(env, host, &store, state, vmid)?;
-            drop(state);
+            let applied = rollback_vm(env, host, store, state, vmid)?;
             Ok(summary(vmid, phase, &applied, 0))
         }
         Phase::PreStart => {
@@ -110,7 +144,7 @@ pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result
             // left over from a start that failed or a crash.
             if state.held_vms().contains(&vmid) {
                 log::warn!("VM {vmid}: undoing what a previous run left behind");
-                state = rollback_vm(env, host, &store, state, vmid)?.0;
+                rollback_vm(env, host, store, state, vmid)?;
             }
             let Some(loaded) = loaded else {
                 return Ok(String::new());
@@ -120,16 +154,12 @@ pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result
             }
             let others = state.owned_by_others(vmid);
             let plan = plan_for(&loaded, vmid, &others, phase)?;
-            state.vms.insert(
-                vmid,
-                VmRecord {
-                    cpus: loaded.profile.cpus.value.clone(),
-                    phase: phase.to_string(),
-                    ..Default::default()
-                },
-            );
-            store.save(&state)?;
-            execute(env, host, &store, state, vmid, phase, &plan)
+            let record = VmRecord {
+                cpus: loaded.profile.cpus.value.clone(),
+                phase: phase.to_string(),
+                ..Default::default()
+            };
+            execute(env, host, store, state, (vmid, record), phase, &plan)
         }
         Phase::PostStart => {
             let Some(loaded) = loaded else {
@@ -141,13 +171,12 @@ pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result
             }
             let others = state.owned_by_others(vmid);
             let plan = plan_for(&loaded, vmid, &others, phase)?;
-            let record = state.vms.entry(vmid).or_default();
+            let mut record = state.vms.get(&vmid).cloned().unwrap_or_default();
             record.cpus = loaded.profile.cpus.value.clone();
             record.pid = Some(running.pid);
             record.start_time = Some(running.start_time);
             record.phase = phase.to_string();
-            store.save(&state)?;
-            execute(env, host, &store, state, vmid, phase, &plan)
+            execute(env, host, store, state, (vmid, record), phase, &plan)
         }
     }
 }
@@ -164,15 +193,21 @@ pub(crate) fn plan_for(
     })
 }
 
+/// Records the VM's record (durably, before any change), then applies the plan as one batch.
 fn execute<H: Host>(
     env: &Env,
     host: &H,
     store: &Store,
-    state: State,
-    vmid: u32,
+    state: &mut State,
+    (vmid, record): (u32, VmRecord),
     phase: Phase,
     plan: &Plan,
 ) -> Result<String, Error> {
+    let record = Change::Vm {
+        vmid,
+        record: Some(record),
+    };
+    store.append(state, &[record])?;
     for skip in &plan.skipped {
         log::warn!(
             "VM {vmid} {phase}: {} skipped: {}",
@@ -186,10 +221,10 @@ fn execute<H: Host>(
             None => log::info!("VM {vmid} {phase}: {note}"),
         }
     }
-    let mut exec = Executor::new(&env.root, host, store, state, vmid);
-    let applied = exec
-        .apply(&plan.steps)
-        .map_err(|source| Error::Apply { phase, source })?;
+    let mut exec = Executor::new(&env.root, host, store, std::mem::take(state), vmid);
+    let applied = exec.apply(&plan.steps);
+    *state = exec.state;
+    let applied = applied.map_err(|source| Error::Apply { phase, source })?;
     Ok(summary(vmid, phase, &applied, plan.skipped.len()))
 }
 
@@ -222,9 +257,9 @@ pub fn reconcile<H: Host>(
     env: &Env,
     host: &H,
     store: &Store,
-    mut state: State,
+    state: &mut State,
     current: u32,
-) -> Result<State, Error> {
+) -> Result<(), Error> {
     for vmid in state.held_vms() {
         if vmid == current {
             continue;
@@ -235,10 +270,10 @@ pub fn reconcile<H: Host>(
             log::warn!(
                 "VM {vmid} no longer runs but pvetune still held changes for it: rolling them back"
             );
-            state = rollback_vm(env, host, store, state, vmid)?.0;
+            rollback_vm(env, host, store, state, vmid)?;
         }
     }
-    Ok(state)
+    Ok(())
 }
 
 /// Undoes everything held for one VM.
@@ -246,9 +281,9 @@ pub fn rollback_vm<H: Host>(
     env: &Env,
     host: &H,
     store: &Store,
-    state: State,
+    state: &mut State,
     vmid: u32,
-) -> Result<(State, Applied), Error> {
+) -> Result<Applied, Error> {
     let alive = process_alive(env, state.vms.get(&vmid));
     let pins = state.vms.get(&vmid).map_or(0, |r| r.pins.len());
     let claims = state
@@ -256,8 +291,9 @@ pub fn rollback_vm<H: Host>(
         .values()
         .filter(|c| c.holders.iter().any(|h| h.vmid == vmid))
         .count();
-    let mut exec = Executor::new(&env.root, host, store, state, vmid);
+    let mut exec = Executor::new(&env.root, host, store, std::mem::take(state), vmid);
     let errors = exec.rollback(alive);
+    *state = exec.state;
     if !errors.is_empty() {
         return Err(Error::Rollback {
             vmid,
@@ -268,18 +304,22 @@ pub fn rollback_vm<H: Host>(
         changed: claims + if alive { pins } else { 0 },
         ..Applied::default()
     };
-    Ok((exec.state, applied))
+    Ok(applied)
 }
 
 /// `pvetune rollback <vmid>`: undo now, under the node lock.
 pub fn rollback_command<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<String, Error> {
     let store = Store::new(&env.root);
     let _lock = store.lock()?;
-    let state = store.load()?;
+    let mut state = store.load()?;
     if !state.held_vms().contains(&vmid) {
         return Ok(format!("pvetune: VM {vmid}: nothing held"));
     }
-    let (_, applied) = rollback_vm(env, host, &store, state, vmid)?;
+    let applied = rollback_vm(env, host, &store, &mut state, vmid);
+    if let Err(e) = store.compact(&mut state) {
+        log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
+    }
+    let applied = applied?;
     Ok(summary(vmid, Phase::PostStop, &applied, 0).replace("post-stop", "rollback"))
 }
 

@@ -8,26 +8,68 @@
 //!
 //! `/run` is a tmpfs: after a reboot the ledger is gone, and so are the kernel values it
 //! described, which is exactly right.
+//!
+//! # On disk: a snapshot and a journal (format 2)
+//!
+//! Crash model: pvetune may die at any instruction (kill -9, OOM killer, a bug) and the next
+//! run must still know every value it has to put back. So whatever is about to change a kernel
+//! file or a thread is durable in the ledger *before* the change (write-ahead), and the ledger
+//! on disk is never torn. Cost model: a phase may change thousands of files (one per IRQ), so
+//! recording them must cost time linear in the changes, not one full rewrite per change.
+//!
+//! - `state.json` is a *snapshot*: the whole [`State`], with its format `version` and a
+//!   `generation`. It is only ever replaced whole ([`Store::save`]: temp file, fsync, rename,
+//!   directory fsync), at most a couple of times per phase (the compaction at its end).
+//! - `state.journal` holds the [`Change`]s made since that snapshot: one JSON line per batch
+//!   (a phase's whole plan, or a whole rollback), each appended with one write and one
+//!   fdatasync ([`Store::append`]). A line names the generation of the snapshot it follows.
+//!
+//! Loading is the snapshot plus, in order, every journal line of its generation. A change sets
+//! one key of the ledger (a claim, a pin, a VM record) to an absolute value, so replaying is
+//! exact whatever had happened in memory. Why this is crash-safe:
+//!
+//! - a line is appended before the kernel writes it describes, so a crash before or during
+//!   those writes leaves a ledger that holds every one of them; undo tolerates entries whose
+//!   write never happened (restoring the original over an unchanged file writes nothing);
+//! - a crash in the middle of an append leaves a last line without its newline: it is ignored
+//!   on load (none of its writes had started), and cut off before the next append;
+//! - compaction writes the next generation's snapshot, renames it over the old one and only
+//!   then removes the journal: a crash in between leaves lines of the old generation, which
+//!   the new snapshot already contains and which are therefore ignored;
+//! - a journal only counts next to a snapshot: with no snapshot (an empty ledger) the first
+//!   batch is a full save, which removes any journal first. An emptied ledger removes the
+//!   snapshot, then the journal.
+//!
+//! A ledger of format 1 (a snapshot only, no journal) loads as generation 0 and is rewritten
+//! as format 2 by the next change; a newer format is refused, naming the file.
 
 use crate::cpuset::CpuSet;
 use crate::root::{Root, paths};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const STATE_FILE: &str = "state.json";
+const JOURNAL_FILE: &str = "state.journal";
 const LOCK_FILE: &str = "lock";
-const FORMAT_VERSION: u32 = 1;
+/// 1: snapshot only, rewritten after every change. 2: snapshot with a generation, plus the
+/// journal of changes since it.
+pub const FORMAT_VERSION: u32 = 2;
 /// How long a hook waits for another pvetune run on this node before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
+    /// Which snapshot this is: journal lines of another generation do not follow it. 0: no
+    /// snapshot on disk (an empty ledger, or one of format 1 not rewritten yet).
+    #[serde(default)]
+    generation: u64,
     pub vms: BTreeMap<u32, VmRecord>,
     /// Host path -> claim.
     pub claims: BTreeMap<String, Claim>,
@@ -68,6 +110,49 @@ pub struct Holder {
     pub value: String,
 }
 
+/// One entry of the journal: sets one key of the ledger to an absolute value (`None`
+/// removes it). Absolute, so that replaying a journal gives exactly the ledger that was in
+/// memory when it was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Change {
+    /// The claim on one host file.
+    Claim { path: String, claim: Option<Claim> },
+    /// One pinned thread of a VM; setting one creates the VM's record if it has none.
+    Pin {
+        vmid: u32,
+        tid: i32,
+        pin: Option<PinRecord>,
+    },
+    /// A VM's whole record, its pins included.
+    Vm { vmid: u32, record: Option<VmRecord> },
+}
+
+/// One line of the journal, as written.
+#[derive(Serialize)]
+struct JournalLine<'a> {
+    v: u32,
+    generation: u64,
+    changes: &'a [Change],
+}
+
+/// A snapshot, as written (borrowing the ledger rather than copying it).
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    version: u32,
+    generation: u64,
+    vms: &'a BTreeMap<u32, VmRecord>,
+    claims: &'a BTreeMap<String, Claim>,
+}
+
+/// One line of the journal, as read.
+#[derive(Deserialize)]
+struct JournalEntry {
+    v: u32,
+    generation: u64,
+    changes: Vec<Change>,
+}
+
 impl Claim {
     /// The value the file should hold: the last claimer's, or the original when none is left.
     pub fn effective(&self) -> &str {
@@ -79,6 +164,14 @@ impl Claim {
 }
 
 impl State {
+    /// An empty ledger, as an absent `state.json` reads.
+    pub fn empty() -> Self {
+        State {
+            version: FORMAT_VERSION,
+            ..State::default()
+        }
+    }
+
     /// CPUs owned by every VM in the ledger except `vmid`.
     pub fn owned_by_others(&self, vmid: u32) -> BTreeMap<u32, CpuSet> {
         self.vms
@@ -102,6 +195,91 @@ impl State {
     pub fn is_empty(&self) -> bool {
         self.vms.is_empty() && self.claims.is_empty()
     }
+
+    /// Applies changes in order, in time linear in their number (replaying a journal, or
+    /// mirroring in memory what was just journaled). Pins are looked up by tid through an
+    /// index built once per VM touched, not by a search of the pin list per change.
+    pub fn apply(&mut self, changes: &[Change]) {
+        // vmid -> that VM's pins being edited (None: removed), and tid -> position in them.
+        let mut editing: HashMap<u32, PinEdit> = HashMap::new();
+        for change in changes {
+            match change {
+                Change::Claim { path, claim } => match claim {
+                    Some(claim) => {
+                        self.claims.insert(path.clone(), claim.clone());
+                    }
+                    None => {
+                        self.claims.remove(path);
+                    }
+                },
+                Change::Vm { vmid, record } => {
+                    // The whole record, pins included, replaces any edit in progress.
+                    editing.remove(vmid);
+                    match record {
+                        Some(record) => self.vms.insert(*vmid, record.clone()),
+                        None => self.vms.remove(vmid),
+                    };
+                }
+                Change::Pin { vmid, tid, pin } => {
+                    let edit = match editing.entry(*vmid) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            // Removing a pin of a VM that has no record: nothing to do.
+                            if pin.is_none() && !self.vms.contains_key(vmid) {
+                                continue;
+                            }
+                            e.insert(PinEdit::take(self.vms.entry(*vmid).or_default()))
+                        }
+                    };
+                    edit.set(*tid, pin.clone());
+                }
+            }
+        }
+        for (vmid, edit) in editing {
+            self.vms.entry(vmid).or_default().pins = edit.finish();
+        }
+    }
+}
+
+/// A VM's pins while a batch of changes edits them: removal leaves a hole, filled in at the
+/// end, so that neither lookups nor removals search or shift the list.
+struct PinEdit {
+    pins: Vec<Option<PinRecord>>,
+    index: HashMap<i32, usize>,
+}
+
+impl PinEdit {
+    fn take(record: &mut VmRecord) -> Self {
+        let pins: Vec<Option<PinRecord>> = std::mem::take(&mut record.pins)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let index = pins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (p.tid, i)))
+            .collect();
+        PinEdit { pins, index }
+    }
+
+    fn set(&mut self, tid: i32, pin: Option<PinRecord>) {
+        match (self.index.get(&tid).copied(), pin) {
+            (Some(i), Some(pin)) => self.pins[i] = Some(pin),
+            (Some(i), None) => {
+                self.pins[i] = None;
+                self.index.remove(&tid);
+            }
+            (None, Some(pin)) => {
+                self.index.insert(tid, self.pins.len());
+                self.pins.push(Some(pin));
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn finish(self) -> Vec<PinRecord> {
+        self.pins.into_iter().flatten().collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,16 +297,33 @@ pub enum StateError {
         source: serde_json::Error,
     },
     #[error(
-        "{path}: ledger format {found} is newer than this pvetune understands ({FORMAT_VERSION})"
+        "{path}: ledger format {found} is newer than this pvetune understands ({FORMAT_VERSION}); \
+         run the pvetune that wrote it (or a newer one) to roll back"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("another pvetune run held {path} for {}s; giving up", LOCK_TIMEOUT.as_secs())]
     LockTimeout { path: PathBuf },
 }
 
-/// Where the ledger lives, and its atomic, durable replacement.
+/// How often a [`Store`] wrote, for the one-line debug summary and for tests that prove a
+/// phase costs a constant number of full rewrites whatever its size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Full rewrites of `state.json` (or its removal, for an emptied ledger).
+    pub rewrites: usize,
+    /// Lines appended to the journal (one write and one fdatasync each).
+    pub appends: usize,
+    /// Changes those lines carried.
+    pub changes: usize,
+}
+
+/// Where the ledger lives, and its durable updates: journal appends and whole rewrites.
 pub struct Store {
     dir: PathBuf,
+    /// The journal, open for appending, once this store has appended to it, with its length
+    /// up to the end of the last complete line.
+    journal: RefCell<Option<(File, u64)>>,
+    stats: Cell<StoreStats>,
 }
 
 /// The node-wide lock; released on drop.
@@ -140,56 +335,221 @@ impl Store {
     pub fn new(root: &Root) -> Self {
         Store {
             dir: root.path(paths::STATE_DIR),
+            journal: RefCell::new(None),
+            stats: Cell::new(StoreStats::default()),
         }
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.stats.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut StoreStats)) {
+        let mut stats = self.stats.get();
+        f(&mut stats);
+        self.stats.set(stats);
     }
 
     fn io(&self, path: PathBuf) -> impl FnOnce(std::io::Error) -> StateError {
         move |source| StateError::Io { path, source }
     }
 
-    /// Reads the ledger; an absent one is empty.
+    /// Reads the ledger: the snapshot, then the journal lines that follow it. An absent one is
+    /// empty.
     pub fn load(&self) -> Result<State, StateError> {
         let path = self.dir.join(STATE_FILE);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(State {
-                    version: FORMAT_VERSION,
-                    ..State::default()
-                });
-            }
-            Err(e) => return Err(StateError::Io { path, source: e }),
+        // A journal without a snapshot is left from emptying the ledger: nothing to replay.
+        let Some(text) = read_if_present(&path).map_err(self.io(path.clone()))? else {
+            return Ok(State::empty());
         };
-        let state: State = serde_json::from_str(&text).map_err(|source| StateError::Corrupt {
-            path: path.clone(),
-            source,
-        })?;
+        let mut state: State =
+            serde_json::from_str(&text).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         if state.version > FORMAT_VERSION {
             return Err(StateError::Version {
                 path,
                 found: state.version,
             });
         }
+        if state.version < FORMAT_VERSION {
+            log::info!(
+                "{}: ledger format {} is read as is and rewritten as format {FORMAT_VERSION} by the next change",
+                path.display(),
+                state.version
+            );
+            state.version = FORMAT_VERSION;
+        }
+        if state.generation > 0 {
+            self.replay(&mut state)?;
+        }
         Ok(state)
     }
 
-    /// Replaces the ledger atomically and durably (write, fsync, rename, fsync the directory):
-    /// after a crash it is either the old or the new ledger, never a torn one.
-    pub fn save(&self, state: &State) -> Result<(), StateError> {
+    /// Applies the journal lines of the snapshot's generation, in order.
+    fn replay(&self, state: &mut State) -> Result<(), StateError> {
+        let path = self.dir.join(JOURNAL_FILE);
+        let Some(text) = read_if_present(&path).map_err(self.io(path.clone()))? else {
+            return Ok(());
+        };
+        let (complete, torn) = match text.rfind('\n') {
+            Some(end) => text.split_at(end + 1),
+            None => ("", text.as_str()),
+        };
+        if !torn.is_empty() {
+            // An append cut short by a crash (none of the writes it announced had started), or
+            // one still being written while this run reads without the node lock (`status`).
+            log::info!(
+                "{}: ignoring a last line without its newline ({} bytes)",
+                path.display(),
+                torn.len()
+            );
+        }
+        let mut replayed = 0;
+        for line in complete.lines() {
+            let entry: JournalEntry =
+                serde_json::from_str(line).map_err(|source| StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?;
+            if entry.v > FORMAT_VERSION {
+                return Err(StateError::Version {
+                    path,
+                    found: entry.v,
+                });
+            }
+            if entry.generation == state.generation {
+                state.apply(&entry.changes);
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            log::debug!(
+                "{}: replayed {replayed} batches not compacted yet (an earlier run stopped before the end of its phase)",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes `changes` durable, then applies them to `state`: one line appended to the
+    /// journal, with one write and one fdatasync, whatever the number of changes. When no
+    /// snapshot exists yet (an empty ledger) the journal would have nothing to follow, so the
+    /// changes are saved as a new snapshot instead. On error `state` is left as it was.
+    pub fn append(&self, state: &mut State, changes: &[Change]) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if state.generation == 0 {
+            let mut next = state.clone();
+            next.apply(changes);
+            self.save(&mut next)?;
+            *state = next;
+            return Ok(());
+        }
+        let path = self.dir.join(JOURNAL_FILE);
+        let mut line = serde_json::to_string(&JournalLine {
+            v: FORMAT_VERSION,
+            generation: state.generation,
+            changes,
+        })
+        .map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        line.push('\n');
+        let (mut file, len) = match self.journal.borrow_mut().take() {
+            Some(open) => open,
+            None => self.open_journal()?,
+        };
+        let written = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // Take back what may have reached the file, so that no later line follows a torn
+            // or unsynced one; the next append reopens (and checks) it.
+            let _ = file.set_len(len);
+            return Err(self.io(path)(e));
+        }
+        *self.journal.borrow_mut() = Some((file, len + line.len() as u64));
+        state.apply(changes);
+        self.count(|s| {
+            s.appends += 1;
+            s.changes += changes.len();
+        });
+        Ok(())
+    }
+
+    /// Opens the journal for appending, first cutting a last line that a crash left without
+    /// its newline (load ignored it; a new line must not be glued to it).
+    fn open_journal(&self) -> Result<(File, u64), StateError> {
+        let path = self.dir.join(JOURNAL_FILE);
+        let io = |e| StateError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        self.ensure_dir()?;
+        let existed = path.exists();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        if !existed {
+            self.sync_dir()?;
+        }
+        let len = file.metadata().map_err(io)?.len();
+        let mut last = [0u8; 1];
+        if len == 0 || (file.read_at(&mut last, len - 1).map_err(io)? == 1 && last[0] == b'\n') {
+            return Ok((file, len));
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io)?;
+        let good = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i as u64 + 1);
+        file.set_len(good).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        Ok((file, good))
+    }
+
+    /// Replaces the ledger by `state` atomically and durably (write, fsync, rename, fsync the
+    /// directory), as the next generation, then drops the journal it supersedes: after a crash
+    /// the ledger is either the old or the new one, never a torn one. An empty ledger is
+    /// removed (snapshot first, then journal).
+    pub fn save(&self, state: &mut State) -> Result<(), StateError> {
         self.ensure_dir()?;
         let path = self.dir.join(STATE_FILE);
+        let journal = self.dir.join(JOURNAL_FILE);
+        self.journal.borrow_mut().take();
         if state.is_empty() {
-            return match fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.io(path)(e)),
-                _ => self.sync_dir(),
-            };
+            remove_if_present(&path).map_err(self.io(path.clone()))?;
+            remove_if_present(&journal).map_err(self.io(journal.clone()))?;
+            state.generation = 0;
+            self.count(|s| s.rewrites += 1);
+            return self.sync_dir();
         }
+        if state.generation == 0 {
+            // No snapshot to follow: a journal here is left from an emptied ledger, and its
+            // generations could repeat the new snapshot's.
+            remove_if_present(&journal).map_err(self.io(journal.clone()))?;
+        }
+        let generation = state.generation + 1;
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let mut text =
-            serde_json::to_string_pretty(state).map_err(|source| StateError::Corrupt {
-                path: path.clone(),
-                source,
-            })?;
+        let mut text = serde_json::to_string_pretty(&SnapshotRef {
+            version: FORMAT_VERSION,
+            generation,
+            vms: &state.vms,
+            claims: &state.claims,
+        })
+        .map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         text.push('\n');
         let mut file = OpenOptions::new()
             .write(true)
@@ -202,7 +562,22 @@ impl Store {
             .map_err(self.io(tmp.clone()))?;
         file.sync_all().map_err(self.io(tmp.clone()))?;
         fs::rename(&tmp, &path).map_err(self.io(path.clone()))?;
-        self.sync_dir()
+        self.sync_dir()?;
+        state.version = FORMAT_VERSION;
+        state.generation = generation;
+        self.count(|s| s.rewrites += 1);
+        // Its lines are of the old generation now: ignored if this removal is lost.
+        remove_if_present(&journal).map_err(self.io(journal))
+    }
+
+    /// Folds the journal into a new snapshot when there is one (the end of a phase): one full
+    /// rewrite, so that the journal never outgrows a phase.
+    pub fn compact(&self, state: &mut State) -> Result<(), StateError> {
+        let journal = self.dir.join(JOURNAL_FILE);
+        if self.journal.borrow().is_some() || journal.exists() {
+            self.save(state)?;
+        }
+        Ok(())
     }
 
     fn sync_dir(&self) -> Result<(), StateError> {
@@ -248,6 +623,21 @@ impl Store {
     }
 }
 
+fn read_if_present(path: &std::path::Path) -> std::io::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn remove_if_present(path: &std::path::Path) -> std::io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Whether qemu-server holds the VM's config lock right now (a start, with its hooks, runs
 /// under it). Probed with a non-blocking flock that is released at once.
 pub fn config_lock_held(root: &Root, vmid: u32) -> bool {
@@ -284,11 +674,79 @@ mod tests {
         assert_eq!(claim.effective(), "60");
     }
 
+    /// A private ledger directory, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("pvetune-state-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            Dir(dir)
+        }
+        fn store(&self) -> Store {
+            Store::new(&Root::new(&self.0))
+        }
+        fn file(&self, name: &str) -> PathBuf {
+            self.0.join("run/pvetune").join(name)
+        }
+        /// A ledger with a snapshot (VM 100's record) and one journal line (a claim on `/a`).
+        fn with_journal(name: &str) -> (Dir, Store, State) {
+            let dir = Dir::new(name);
+            let store = dir.store();
+            let mut state = store.load().unwrap();
+            store.append(&mut state, &[vm_record()]).unwrap();
+            store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+            (dir, store, state)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn claim(path: &str, vmid: u32, value: &str) -> Change {
+        Change::Claim {
+            path: path.into(),
+            claim: Some(Claim {
+                original: "1\n".into(),
+                holders: vec![Holder {
+                    vmid,
+                    value: value.into(),
+                }],
+            }),
+        }
+    }
+
+    fn pin(tid: i32, cpu: u32) -> Change {
+        Change::Pin {
+            vmid: 100,
+            tid,
+            pin: Some(PinRecord {
+                tid,
+                label: format!("t{tid}"),
+                old: CpuSet::range(0, 1),
+                new: CpuSet::range(cpu, cpu),
+            }),
+        }
+    }
+
+    fn vm_record() -> Change {
+        Change::Vm {
+            vmid: 100,
+            record: Some(VmRecord {
+                cpus: CpuSet::range(4, 7),
+                ..Default::default()
+            }),
+        }
+    }
+
     #[test]
-    fn save_and_load_round_trip_and_empty_removes_file() {
-        let dir = std::env::temp_dir().join(format!("pvetune-state-{}", std::process::id()));
-        let root = Root::new(&dir);
-        let store = Store::new(&root);
+    fn save_and_load_round_trip_and_empty_removes_files() {
+        let dir = Dir::new("round-trip");
+        let store = dir.store();
         let mut state = store.load().unwrap();
         state.vms.insert(
             100,
@@ -297,16 +755,202 @@ mod tests {
                 ..Default::default()
             },
         );
-        store.save(&state).unwrap();
+        store.save(&mut state).unwrap();
+        assert_eq!(state.generation, 1);
         assert_eq!(store.load().unwrap(), state);
-        store
-            .save(&State {
-                version: FORMAT_VERSION,
-                ..Default::default()
-            })
-            .unwrap();
-        assert!(!root.path("/run/pvetune/state.json").exists());
+        store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+        assert!(dir.file(JOURNAL_FILE).exists());
+        store.save(&mut State::empty()).unwrap();
+        assert!(!dir.file(STATE_FILE).exists());
+        assert!(!dir.file(JOURNAL_FILE).exists());
         let _lock = store.lock().unwrap();
-        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn appends_replay_on_load_and_compaction_folds_them() {
+        let dir = Dir::new("journal");
+        let store = dir.store();
+        let mut state = store.load().unwrap();
+        // No snapshot yet: the first batch becomes one.
+        store.append(&mut state, &[vm_record()]).unwrap();
+        assert_eq!(store.stats().rewrites, 1);
+        assert!(!dir.file(JOURNAL_FILE).exists());
+        let batch: Vec<Change> = (0..50)
+            .map(|i| claim(&format!("/proc/irq/{i}/smp_affinity_list"), 100, "3"))
+            .chain((0..20).map(|tid| pin(1000 + tid, 2)))
+            .collect();
+        store.append(&mut state, &batch).unwrap();
+        store.append(&mut state, &[pin(1005, 3)]).unwrap();
+        assert_eq!(
+            store.stats(),
+            StoreStats {
+                rewrites: 1,
+                appends: 2,
+                changes: 71
+            }
+        );
+        let loaded = dir.store().load().unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(loaded.claims.len(), 50);
+        assert_eq!(loaded.vms[&100].pins.len(), 20);
+        assert_eq!(loaded.vms[&100].pins[5].new, CpuSet::range(3, 3));
+        assert_eq!(loaded.vms[&100].cpus, CpuSet::range(4, 7));
+        store.compact(&mut state).unwrap();
+        assert_eq!(store.stats().rewrites, 2);
+        assert!(!dir.file(JOURNAL_FILE).exists());
+        assert_eq!(dir.store().load().unwrap(), state);
+        // Nothing journaled since: nothing to fold.
+        store.compact(&mut state).unwrap();
+        assert_eq!(store.stats().rewrites, 2);
+    }
+
+    #[test]
+    fn pin_changes_keep_order_and_remove_in_place() {
+        let mut state = State::empty();
+        state.apply(&[pin(1, 0), pin(2, 0), pin(3, 0), pin(2, 1)]);
+        let tids = |s: &State| s.vms[&100].pins.iter().map(|p| p.tid).collect::<Vec<_>>();
+        assert_eq!(tids(&state), [1, 2, 3]);
+        assert_eq!(state.vms[&100].pins[1].new, CpuSet::range(1, 1));
+        let remove = |tid| Change::Pin {
+            vmid: 100,
+            tid,
+            pin: None,
+        };
+        state.apply(&[remove(2), remove(9), pin(4, 0), remove(1)]);
+        assert_eq!(tids(&state), [3, 4]);
+        state.apply(&[
+            Change::Vm {
+                vmid: 100,
+                record: None,
+            },
+            remove(3),
+        ]);
+        assert!(state.is_empty(), "removing a pin creates no record");
+        state.apply(&[pin(5, 0), vm_record(), pin(6, 0)]);
+        assert_eq!(
+            tids(&state),
+            [6],
+            "a whole record replaces the pins before it"
+        );
+    }
+
+    #[test]
+    fn a_line_torn_by_a_crash_is_ignored_then_cut() {
+        let (dir, _, state) = Dir::with_journal("torn");
+        let before = state.clone();
+        // The process died in the middle of the next append.
+        let mut journal = OpenOptions::new()
+            .append(true)
+            .open(dir.file(JOURNAL_FILE))
+            .unwrap();
+        journal
+            .write_all(b"{\"v\":2,\"generation\":1,\"chan")
+            .unwrap();
+        let later = dir.store();
+        let mut state = later.load().unwrap();
+        assert_eq!(state, before);
+        later.append(&mut state, &[claim("/b", 100, "3")]).unwrap();
+        let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(dir.store().load().unwrap(), state);
+        assert_eq!(state.claims.len(), 2);
+    }
+
+    #[test]
+    fn lines_of_an_older_generation_are_ignored() {
+        let (dir, store, mut state) = Dir::with_journal("stale");
+        let stale = fs::read(dir.file(JOURNAL_FILE)).unwrap();
+        // Compaction, then a change that the stale line would undo if it were replayed.
+        store.compact(&mut state).unwrap();
+        store
+            .append(
+                &mut state,
+                &[Change::Claim {
+                    path: "/a".into(),
+                    claim: None,
+                }],
+            )
+            .unwrap();
+        store.compact(&mut state).unwrap();
+        // As if the journal's removal after the rename had been lost.
+        fs::write(dir.file(JOURNAL_FILE), &stale).unwrap();
+        let loaded = dir.store().load().unwrap();
+        assert!(loaded.claims.is_empty());
+        assert_eq!(loaded, state);
+    }
+
+    #[test]
+    fn a_journal_without_snapshot_is_dropped_before_the_next_snapshot() {
+        let (dir, store, _) = Dir::with_journal("orphan");
+        let orphan = fs::read(dir.file(JOURNAL_FILE)).unwrap();
+        store.save(&mut State::empty()).unwrap();
+        // As if emptying the ledger had stopped between removing the snapshot and the journal.
+        fs::write(dir.file(JOURNAL_FILE), &orphan).unwrap();
+        let later = dir.store();
+        let mut state = later.load().unwrap();
+        assert!(state.is_empty());
+        // The next snapshot is generation 1 again: the orphan lines must not follow it.
+        later.append(&mut state, &[vm_record()]).unwrap();
+        assert!(!dir.file(JOURNAL_FILE).exists());
+        assert!(dir.store().load().unwrap().claims.is_empty());
+    }
+
+    #[test]
+    fn format_1_loads_and_is_rewritten_as_format_2() {
+        let dir = Dir::new("v1");
+        fs::create_dir_all(dir.file("")).unwrap();
+        fs::write(
+            dir.file(STATE_FILE),
+            r#"{"version":1,"vms":{"100":{"cpus":"4-7","pid":null,"start_time":null,"phase":"pre-start","pins":[]}},
+               "claims":{"/proc/sys/vm/stat_interval":{"original":"1\n","holders":[{"vmid":100,"value":"120"}]}}}"#,
+        )
+        .unwrap();
+        let store = dir.store();
+        let mut state = store.load().unwrap();
+        assert_eq!(state.vms[&100].cpus, CpuSet::range(4, 7));
+        assert_eq!(
+            state.claims["/proc/sys/vm/stat_interval"].effective(),
+            "120"
+        );
+        store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+        let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        assert!(text.contains("\"version\": 2"), "{text}");
+        assert_eq!(dir.store().load().unwrap(), state);
+    }
+
+    #[test]
+    fn newer_or_corrupt_ledgers_are_refused_with_their_path() {
+        let dir = Dir::new("refused");
+        let store = dir.store();
+        let mut state = store.load().unwrap();
+        store.append(&mut state, &[vm_record()]).unwrap();
+        let snapshot = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        fs::write(
+            dir.file(STATE_FILE),
+            snapshot.replace("\"version\": 2", "\"version\": 3"),
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.json: ledger format 3 is newer than this pvetune understands (2)"),
+            "{err}"
+        );
+        fs::write(dir.file(STATE_FILE), &snapshot).unwrap();
+        fs::write(dir.file(JOURNAL_FILE), "{\"v\":2,\"generation\":1}\n").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.journal: corrupt ledger") && err.contains("changes"),
+            "{err}"
+        );
+        fs::write(
+            dir.file(JOURNAL_FILE),
+            "{\"v\":3,\"generation\":1,\"changes\":[]}\n",
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.journal: ledger format 3 is newer"),
+            "{err}"
+        );
     }
 }
