@@ -152,6 +152,32 @@ impl CpuSet {
         Ok(set)
     }
 
+    /// The hex cpumask of this set in the layout of `like`, a mask the kernel printed (same
+    /// number of 32-bit words and the same width of the first word, as `%*pb` prints for
+    /// `nr_cpu_ids` bits): `ff`, or `00000000,000000ff` on a 64-CPU host. CPUs beyond that
+    /// width are dropped (they cannot exist on the host that printed `like`).
+    pub fn to_mask_like(&self, like: &str) -> String {
+        let text = like.split('\n').next().unwrap_or("").trim();
+        let widths: Vec<usize> = text.split(',').map(|w| w.len().clamp(1, 8)).collect();
+        let n = widths.len();
+        let mut words = Vec::with_capacity(n);
+        for (i, width) in widths.iter().enumerate() {
+            // Word i from the left holds CPUs (n-1-i)*32 .. +32.
+            let base = (n - 1 - i) as u32 * 32;
+            let mut value: u32 = 0;
+            for bit in 0..32 {
+                if self.contains(base + bit) {
+                    value |= 1 << bit;
+                }
+            }
+            if *width < 8 {
+                value &= (1u32 << (width * 4)) - 1;
+            }
+            words.push(format!("{value:0width$x}", width = width));
+        }
+        words.join(",")
+    }
+
     pub fn insert(&mut self, cpu: u32) {
         let (word, bit) = ((cpu / 64) as usize, cpu % 64);
         if self.words.len() <= word {
@@ -260,6 +286,55 @@ fn parse_num(text: &str, last: Option<u32>, input: &str) -> Result<u32, CpuListE
     })
 }
 
+/// The text form of a kernel file that holds a CPU set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuFormat {
+    /// `0-3,8` (`smp_affinity_list`, `cpuset.cpus*`).
+    List,
+    /// `ff` or `00000000,000000ff` (`default_smp_affinity`, workqueue `cpumask`).
+    Mask,
+}
+
+impl CpuFormat {
+    pub fn parse(self, text: &str) -> Option<CpuSet> {
+        let text = text.trim();
+        match self {
+            CpuFormat::List => CpuSet::parse_list(text, MAX_CPUS).ok(),
+            CpuFormat::Mask => {
+                let nbits = text.split(',').map(|w| w.len() as u32 * 4).sum::<u32>();
+                CpuSet::parse_mask(text, nbits.max(1)).ok()
+            }
+        }
+    }
+
+    /// `set` written as this format, in the layout of `like` for a mask.
+    pub fn render(self, set: &CpuSet, like: &str) -> String {
+        match self {
+            CpuFormat::List => set.to_string(),
+            CpuFormat::Mask => set.to_mask_like(like),
+        }
+    }
+}
+
+/// A host-wide CPU set file with some CPUs taken out: `current` minus `remove`, or `fallback`
+/// minus `remove` when nothing would be left (a file such as an IRQ's affinity must never name
+/// no CPU). `current` itself, byte for byte, when nothing changes or when it cannot be parsed
+/// (a file pvetune does not understand is left alone).
+pub fn exclude_text(current: &str, format: CpuFormat, remove: &CpuSet, fallback: &CpuSet) -> String {
+    let Some(set) = format.parse(current) else {
+        return current.to_string();
+    };
+    let mut left = set.difference(remove);
+    if left.is_empty() {
+        left = fallback.difference(remove);
+    }
+    if left.is_empty() || left == set {
+        return current.to_string();
+    }
+    format.render(&left, current)
+}
+
 impl FromIterator<u32> for CpuSet {
     fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
         let mut set = CpuSet::new();
@@ -326,6 +401,43 @@ impl<'de> serde::Deserialize<'de> for CpuSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exclude_takes_cpus_out_and_never_leaves_none() {
+        let cpus = |s: &str| s.parse::<CpuSet>().unwrap();
+        let list = CpuFormat::List;
+        assert_eq!(exclude_text("0-7\n", list, &cpus("4-5"), &cpus("0-3")), "0-3,6-7");
+        // Nothing left: the fallback (housekeeping) minus the removed CPUs.
+        assert_eq!(exclude_text("4-5", list, &cpus("4-5"), &cpus("0-3")), "0-3");
+        // Unchanged and unparseable files keep their bytes.
+        assert_eq!(exclude_text("0-3\n", list, &cpus("4-5"), &cpus("0-3")), "0-3\n");
+        assert_eq!(exclude_text("junk", list, &cpus("4-5"), &cpus("0-3")), "junk");
+        assert_eq!(exclude_text("4", list, &cpus("4"), &cpus("4")), "4");
+        let mask = CpuFormat::Mask;
+        assert_eq!(exclude_text("ff\n", mask, &cpus("4-7"), &cpus("0-3")), "0f");
+        assert_eq!(
+            exclude_text("00000000,000000ff", mask, &cpus("0-1"), &cpus("2-3")),
+            "00000000,000000fc"
+        );
+    }
+
+    #[test]
+    fn mask_is_written_in_the_layout_the_kernel_printed() {
+        let set: CpuSet = "0-3".parse().unwrap();
+        assert_eq!(set.to_mask_like("ff\n"), "0f");
+        assert_eq!(set.to_mask_like("fff"), "00f");
+        assert_eq!(
+            "0-3,32,63".parse::<CpuSet>().unwrap().to_mask_like("ffffffff,ffffffff"),
+            "80000001,0000000f"
+        );
+        let wide = "0-39".parse::<CpuSet>().unwrap();
+        assert_eq!(wide.to_mask_like("ff,ffffffff"), "ff,ffffffff");
+        for like in ["ff", "00000000,000000ff", "fff,ffffffff"] {
+            let nbits = like.split(',').map(|w| w.len() as u32 * 4).sum();
+            let back = CpuSet::parse_mask(&set.to_mask_like(like), nbits).unwrap();
+            assert_eq!(back, set, "{like}");
+        }
+    }
 
     fn list(s: &str, nbits: u32) -> Result<String, CpuListError> {
         CpuSet::parse_list(s, nbits).map(|c| c.to_string())

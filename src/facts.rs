@@ -1,4 +1,5 @@
-//! Host facts the planner needs beyond the topology: cpufreq policies and which sysctls exist.
+//! Host facts the planner needs beyond the topology: cpufreq policies, which sysctls exist,
+//! and the host's IRQs.
 //!
 //! Read once per run, before planning, so that planning itself stays pure.
 
@@ -13,6 +14,55 @@ pub struct HostFacts {
     pub cpufreq: BTreeMap<u32, CpuFreq>,
     /// Sysctl names asked about, and whether their file exists.
     pub sysctls: BTreeMap<String, bool>,
+    /// The IRQs under `/proc/irq` (read only when the profile moves IRQs).
+    pub irqs: Option<Irqs>,
+}
+
+/// `/proc/irq`: every IRQ that has an affinity file, and the default affinity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Irqs {
+    /// IRQ numbers in ascending order (a directory name that is not a canonical number is
+    /// never turned into a path).
+    pub numbers: Vec<u32>,
+    /// Whether `/proc/irq/default_smp_affinity` exists.
+    pub default_affinity: bool,
+}
+
+pub const IRQ_DIR: &str = "/proc/irq";
+pub const DEFAULT_IRQ_AFFINITY: &str = "/proc/irq/default_smp_affinity";
+
+/// `/proc/irq/<n>/smp_affinity_list`.
+pub fn irq_affinity_path(irq: u32) -> String {
+    format!("{IRQ_DIR}/{irq}/smp_affinity_list")
+}
+
+impl Irqs {
+    /// One listing of `/proc/irq`; an IRQ without `smp_affinity_list` (being torn down) is
+    /// left out.
+    pub fn read(root: &Root) -> Irqs {
+        let mut numbers: Vec<u32> = std::fs::read_dir(root.path(IRQ_DIR))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| canonical_number(&e.file_name().to_string_lossy()))
+                    .filter(|&n| root.path(irq_affinity_path(n)).exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        numbers.sort_unstable();
+        Irqs {
+            numbers,
+            default_affinity: root.path(DEFAULT_IRQ_AFFINITY).exists(),
+        }
+    }
+}
+
+/// `42`, not `042`, `+42` or `4 2`: a name that is a number exactly as the kernel prints it.
+fn canonical_number(name: &str) -> Option<u32> {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_digit())
+        && (name == "0" || !name.starts_with('0'));
+    if ok { name.parse().ok() } else { None }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +74,12 @@ pub struct CpuFreq {
 }
 
 impl HostFacts {
-    pub fn read<'a>(root: &Root, cpus: &CpuSet, sysctls: impl Iterator<Item = &'a str>) -> Self {
+    pub fn read<'a>(
+        root: &Root,
+        cpus: &CpuSet,
+        sysctls: impl Iterator<Item = &'a str>,
+        with_irqs: bool,
+    ) -> Self {
         let cpufreq = cpus
             .iter()
             .filter_map(|cpu| cpufreq_of(root, cpu).map(|f| (cpu, f)))
@@ -35,7 +90,12 @@ impl HostFacts {
                 (name.to_string(), path.exists())
             })
             .collect();
-        HostFacts { cpufreq, sysctls }
+        let irqs = with_irqs.then(|| Irqs::read(root));
+        HostFacts {
+            cpufreq,
+            sysctls,
+            irqs,
+        }
     }
 }
 
@@ -85,6 +145,15 @@ fn lexical_join(base: &Path, target: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_canonical_irq_numbers_become_paths() {
+        assert_eq!(canonical_number("0"), Some(0));
+        assert_eq!(canonical_number("127"), Some(127));
+        for bad in ["", "042", "+4", "4 2", "default_smp_affinity", "99999999999"] {
+            assert_eq!(canonical_number(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn resolves_policy_links() {

@@ -64,6 +64,7 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         &env.root,
         &profile.cpus.value,
         profile.sysctl.iter().map(|(name, _)| name.as_str()),
+        profile.isolation.irqs,
     );
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {

@@ -5,7 +5,7 @@
 //! affinity); `pvetune plan` prints them and the hook executes them. Nothing below the command
 //! line knows whether it is a dry run.
 
-use crate::cpuset::CpuSet;
+use crate::cpuset::{CpuFormat, CpuSet, exclude_text};
 use crate::facts::HostFacts;
 use crate::profile::{Located, Profile};
 use crate::topology::Topology;
@@ -79,6 +79,19 @@ pub enum Action {
     Write { path: String, value: String },
     /// Set a thread's CPU affinity.
     Pin { thread: ThreadRef, cpus: CpuSet },
+    /// Take the VM's `cpus` out of a host-wide CPU set file (an IRQ's affinity, the default
+    /// IRQ affinity). A claim *composed* from every holder: the file holds its original set
+    /// minus the CPUs of every VM that holds it (`fallback`, the housekeeping CPUs, when that
+    /// leaves none), so stopping one VM gives back exactly its CPUs. `refusable`: the kernel may
+    /// refuse the write (a managed or per-CPU IRQ: EIO, EPERM; no vectors left: ENOSPC), which
+    /// is then a skip, not a failure.
+    Exclude {
+        path: String,
+        cpus: CpuSet,
+        format: CpuFormat,
+        fallback: CpuSet,
+        refusable: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,9 +181,16 @@ pub fn build(inp: &Inputs, phase: Phase) -> Result<Plan, PlanError> {
     validate(inp)?;
     let mut plan = Plan::default();
     match phase {
-        Phase::PreStart => plan
-            .notes
-            .push("pre-start: profile validated; nothing to change before QEMU starts".into()),
+        Phase::PreStart => {
+            // Before QEMU starts: the passthrough devices' IRQs that appear while it starts
+            // take the default affinity set here.
+            tunables::irqs::plan(inp, &mut plan);
+            if plan.steps.is_empty() && plan.skipped.is_empty() {
+                plan.notes.push(
+                    "pre-start: profile validated; nothing to change before QEMU starts".into(),
+                );
+            }
+        }
         Phase::PreStop => plan
             .notes
             .push("pre-stop: nothing to do (undo runs in post-stop, which also runs when the guest powers off)".into()),
@@ -203,18 +223,25 @@ impl fmt::Display for ThreadRef {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Write { path, .. } => f.write_str(path),
+            Action::Write { path, .. } | Action::Exclude { path, .. } => f.write_str(path),
             Action::Pin { thread, .. } => write!(f, "{thread}"),
         }
     }
 }
 
 impl Action {
-    /// The new value as printed in `target: before -> after`.
-    pub fn after(&self) -> String {
+    /// The new value as printed in `target: before -> after`, given what the target holds
+    /// now (a composed file's new value depends on it).
+    pub fn after(&self, before: &str) -> String {
         match self {
             Action::Write { value, .. } => value.clone(),
             Action::Pin { cpus, .. } => cpus.to_string(),
+            Action::Exclude {
+                cpus,
+                format,
+                fallback,
+                ..
+            } => exclude_text(before, *format, cpus, fallback),
         }
     }
 }

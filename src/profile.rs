@@ -27,6 +27,14 @@ pub struct Profile {
     pub governor: Option<Located<String>>,
     /// `key` (dotted sysctl name) -> value, in file order of keys (sorted).
     pub sysctl: Vec<(String, Located<String>)>,
+    pub isolation: Isolation,
+}
+
+/// `isolation:`: what besides pinning keeps the host off the VM's CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Isolation {
+    /// Every movable IRQ, and the default affinity of IRQs yet to come, off `cpus`.
+    pub irqs: bool,
 }
 
 /// A value with the place in the profile it came from, for error messages.
@@ -91,8 +99,17 @@ pub enum ProfileError {
 }
 
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
-/// profile using them is refused with a clear message instead of being half-applied.
-const PLANNED_KEYS: &[&str] = &["isolation", "irq", "kthreads", "hugepages", "pci-reset"];
+/// profile using them is refused with a clear message instead of being half-applied. The
+/// first four are keys of `isolation:`.
+const PLANNED_KEYS: &[&str] = &[
+    "partition",
+    "kthreads",
+    "cpu-cycle",
+    "irqbalance",
+    "irq",
+    "hugepages",
+    "pci-reset",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -103,6 +120,13 @@ struct RawProfile {
     iothreads: Option<Spanned<String>>,
     governor: Option<Spanned<String>>,
     sysctl: Option<BTreeMap<String, Spanned<String>>>,
+    isolation: Option<RawIsolation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawIsolation {
+    irqs: Option<bool>,
 }
 
 /// `vcpus:` is a mode word or a list of CPU numbers.
@@ -309,6 +333,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         }
         sysctl.push((name, located(value.value.clone(), pos)));
     }
+    let isolation = Isolation {
+        irqs: raw.isolation.and_then(|i| i.irqs).unwrap_or(false),
+    };
     Ok(Profile {
         path: path.to_path_buf(),
         cpus: located(cpus, at(&raw.cpus)),
@@ -317,6 +344,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         iothreads,
         governor,
         sysctl,
+        isolation,
     })
 }
 

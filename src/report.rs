@@ -44,7 +44,7 @@ pub fn render_plan<H: Host>(
 fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>) {
     for step in &plan.steps {
         let before = match &step.action {
-            Action::Write { path, .. } => host
+            Action::Write { path, .. } | Action::Exclude { path, .. } => host
                 .read(&env.root.path(path))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|e| format!("<unreadable: {e}>")),
@@ -56,7 +56,7 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
                 None => "-".to_string(),
             },
         };
-        let after = step.action.after();
+        let after = step.action.after(&before);
         let same = same_value(&before, &after);
         let mark = if same { " (unchanged)" } else { "" };
         out.push(format!(

@@ -3,5 +3,6 @@
 //! They say *what*; `exec` says *how*, once per primitive.
 
 pub mod governor;
+pub mod irqs;
 pub mod pinning;
 pub mod sysctl;
