@@ -321,7 +321,12 @@ impl CpuFormat {
 /// minus `remove` when nothing would be left (a file such as an IRQ's affinity must never name
 /// no CPU). `current` itself, byte for byte, when nothing changes or when it cannot be parsed
 /// (a file pvetune does not understand is left alone).
-pub fn exclude_text(current: &str, format: CpuFormat, remove: &CpuSet, fallback: &CpuSet) -> String {
+pub fn exclude_text(
+    current: &str,
+    format: CpuFormat,
+    remove: &CpuSet,
+    fallback: &CpuSet,
+) -> String {
     let Some(set) = format.parse(current) else {
         return current.to_string();
     };
@@ -406,12 +411,21 @@ mod tests {
     fn exclude_takes_cpus_out_and_never_leaves_none() {
         let cpus = |s: &str| s.parse::<CpuSet>().unwrap();
         let list = CpuFormat::List;
-        assert_eq!(exclude_text("0-7\n", list, &cpus("4-5"), &cpus("0-3")), "0-3,6-7");
+        assert_eq!(
+            exclude_text("0-7\n", list, &cpus("4-5"), &cpus("0-3")),
+            "0-3,6-7"
+        );
         // Nothing left: the fallback (housekeeping) minus the removed CPUs.
         assert_eq!(exclude_text("4-5", list, &cpus("4-5"), &cpus("0-3")), "0-3");
         // Unchanged and unparseable files keep their bytes.
-        assert_eq!(exclude_text("0-3\n", list, &cpus("4-5"), &cpus("0-3")), "0-3\n");
-        assert_eq!(exclude_text("junk", list, &cpus("4-5"), &cpus("0-3")), "junk");
+        assert_eq!(
+            exclude_text("0-3\n", list, &cpus("4-5"), &cpus("0-3")),
+            "0-3\n"
+        );
+        assert_eq!(
+            exclude_text("junk", list, &cpus("4-5"), &cpus("0-3")),
+            "junk"
+        );
         assert_eq!(exclude_text("4", list, &cpus("4"), &cpus("4")), "4");
         let mask = CpuFormat::Mask;
         assert_eq!(exclude_text("ff\n", mask, &cpus("4-7"), &cpus("0-3")), "0f");
@@ -427,7 +441,10 @@ mod tests {
         assert_eq!(set.to_mask_like("ff\n"), "0f");
         assert_eq!(set.to_mask_like("fff"), "00f");
         assert_eq!(
-            "0-3,32,63".parse::<CpuSet>().unwrap().to_mask_like("ffffffff,ffffffff"),
+            "0-3,32,63"
+                .parse::<CpuSet>()
+                .unwrap()
+                .to_mask_like("ffffffff,ffffffff"),
             "80000001,0000000f"
         );
         let wide = "0-39".parse::<CpuSet>().unwrap();

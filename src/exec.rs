@@ -24,7 +24,7 @@ use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::{Action, Step, ThreadRef};
 use crate::root::Root;
-use crate::state::{Change, Claim, Holder, PinRecord, State, StateError, Store, VmRecord};
+use crate::state::{Change, Claim, Compose, Holder, PinRecord, State, StateError, Store, VmRecord};
 use std::collections::HashMap;
 use std::io;
 
@@ -57,6 +57,8 @@ pub struct Applied {
     pub changed: usize,
     pub unchanged: usize,
     pub vanished: usize,
+    /// Writes the kernel refused where it may (a managed IRQ): the path and the errno.
+    pub refused: Vec<(String, String)>,
 }
 
 /// One change of a batch, as planned before anything is changed.
@@ -68,6 +70,8 @@ enum Intent {
         effective: String,
         /// The claim before this change (None: there was none), what undo puts back.
         previous: Option<Claim>,
+        /// The kernel may refuse this write (see `Action::Exclude`): a skip, not a failure.
+        refusable: bool,
     },
     Pin {
         thread: ThreadRef,
@@ -119,10 +123,20 @@ impl<'a, H: Host> Executor<'a, H> {
                         });
                     }
                 }
-                Err(e) => {
-                    self.undo(&intents, i);
-                    return Err(e);
-                }
+                Err(e) => match refused(intent, &e) {
+                    Some((path, errno, previous)) => {
+                        // The file is as it was: the claim goes back to what it was.
+                        gone.push(Change::Claim {
+                            path: path.clone(),
+                            claim: previous.clone(),
+                        });
+                        applied.refused.push((path.clone(), errno));
+                    }
+                    None => {
+                        self.undo(&intents, i);
+                        return Err(e);
+                    }
+                },
             }
         }
         // Only tidies the ledger: a failure here undoes nothing, and a later rollback finds the
@@ -156,21 +170,16 @@ impl<'a, H: Host> Executor<'a, H> {
             match &step.action {
                 Action::Write { path, value } => {
                     let (current, previous) = match claims.get(path.as_str()) {
-                        Some(claim) => (claim.effective().to_string(), Some(claim.clone())),
+                        Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
                         None => (self.read(path)?, self.state.claims.get(path).cloned()),
                     };
                     let mut claim = previous.clone().unwrap_or_else(|| Claim {
                         original: current.clone(),
                         holders: Vec::new(),
+                        compose: None,
                     });
-                    match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
-                        Some(h) => h.value = value.clone(),
-                        None => claim.holders.push(Holder {
-                            vmid: self.vmid,
-                            value: value.clone(),
-                        }),
-                    }
-                    let effective = claim.effective().to_string();
+                    self.hold(&mut claim, value.clone());
+                    let effective = claim.effective().into_owned();
                     changes.push(Change::Claim {
                         path: path.clone(),
                         claim: Some(claim.clone()),
@@ -181,6 +190,57 @@ impl<'a, H: Host> Executor<'a, H> {
                         current,
                         effective,
                         previous,
+                        refusable: false,
+                    });
+                }
+                Action::Exclude {
+                    path,
+                    cpus,
+                    format,
+                    fallback,
+                    refusable,
+                } => {
+                    let (current, previous) = match claims.get(path.as_str()) {
+                        Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
+                        None => match self.read(path) {
+                            Ok(current) => (current, self.state.claims.get(path).cloned()),
+                            // An IRQ torn down since /proc/irq was listed.
+                            Err(_) if *refusable && !self.root.path(path).exists() => {
+                                applied.vanished += 1;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        },
+                    };
+                    let mut claim = previous.clone().unwrap_or_else(|| Claim {
+                        original: current.clone(),
+                        holders: Vec::new(),
+                        compose: None,
+                    });
+                    claim.compose = Some(Compose {
+                        format: *format,
+                        fallback: fallback.clone(),
+                    });
+                    self.hold(&mut claim, cpus.to_string());
+                    let effective = claim.effective().into_owned();
+                    // A file this VM does not change and nobody holds needs no claim. One that
+                    // another VM holds does, even unchanged: when that VM stops, this VM's
+                    // CPUs must stay out.
+                    if previous.is_none() && same_value(&current, &effective) {
+                        applied.unchanged += 1;
+                        continue;
+                    }
+                    changes.push(Change::Claim {
+                        path: path.clone(),
+                        claim: Some(claim.clone()),
+                    });
+                    claims.insert(path, claim);
+                    intents.push(Intent::Write {
+                        path: path.clone(),
+                        current,
+                        effective,
+                        previous,
+                        refusable: *refusable,
                     });
                 }
                 Action::Pin { thread, cpus } => {
@@ -381,6 +441,17 @@ impl<'a, H: Host> Executor<'a, H> {
         errors
     }
 
+    /// Makes this VM a holder of `claim` with `value` (replacing its earlier value).
+    fn hold(&self, claim: &mut Claim, value: String) {
+        match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
+            Some(h) => h.value = value,
+            None => claim.holders.push(Holder {
+                vmid: self.vmid,
+                value,
+            }),
+        }
+    }
+
     /// Writes what a file should hold once this VM's claim on it is dropped, and returns the
     /// ledger entry that drops it (to be journaled after the write: a crash in between leaves
     /// the claim, and the release is simply done again).
@@ -393,8 +464,8 @@ impl<'a, H: Host> Executor<'a, H> {
         rest.holders.retain(|h| h.vmid != self.vmid);
         // A file that already holds what it is to hold is a release done again after a crash.
         if claim.holders.last().is_some_and(|h| h.vmid == self.vmid)
-            && !same_value(&current, claim.effective())
-            && !same_value(&current, rest.effective())
+            && !same_value(&current, &claim.effective())
+            && !same_value(&current, &rest.effective())
         {
             log::warn!(
                 "{path} was changed outside pvetune (now '{}', pvetune had set '{}'); restoring anyway",
@@ -402,7 +473,7 @@ impl<'a, H: Host> Executor<'a, H> {
                 claim.effective().trim()
             );
         }
-        self.write_if_different(path, &current, rest.effective())?;
+        self.write_if_different(path, &current, &rest.effective())?;
         Ok(Some(Change::Claim {
             path: path.to_string(),
             claim: (!rest.holders.is_empty()).then_some(rest),
@@ -462,6 +533,35 @@ impl<'a, H: Host> Executor<'a, H> {
             })?;
         Ok(Some(true))
     }
+}
+
+/// A write the kernel refused where the action allows it (`Action::Exclude`): the path, the
+/// errno's name and the claim to go back to. IRQs refuse with EIO (6.8) or EPERM (6.14 on,
+/// and the 6.12 lab kernel) when managed or per-CPU, and with ENOSPC when the target CPUs
+/// have no vectors left.
+fn refused<'i>(
+    intent: &'i Intent,
+    error: &ExecError,
+) -> Option<(&'i String, String, &'i Option<Claim>)> {
+    let (
+        Intent::Write {
+            path,
+            previous,
+            refusable: true,
+            ..
+        },
+        ExecError::Write { source, .. },
+    ) = (intent, error)
+    else {
+        return None;
+    };
+    let errno = match source.raw_os_error()? {
+        nix::libc::EIO => "EIO",
+        nix::libc::EPERM => "EPERM",
+        nix::libc::ENOSPC => "ENOSPC",
+        _ => return None,
+    };
+    Some((path, errno.to_string(), previous))
 }
 
 /// Kernel files print what was written with different white space (`4096 87380` as

@@ -150,7 +150,14 @@ mod tests {
     fn only_canonical_irq_numbers_become_paths() {
         assert_eq!(canonical_number("0"), Some(0));
         assert_eq!(canonical_number("127"), Some(127));
-        for bad in ["", "042", "+4", "4 2", "default_smp_affinity", "99999999999"] {
+        for bad in [
+            "",
+            "042",
+            "+4",
+            "4 2",
+            "default_smp_affinity",
+            "99999999999",
+        ] {
             assert_eq!(canonical_number(bad), None, "{bad}");
         }
     }

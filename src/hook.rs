@@ -235,7 +235,26 @@ fn summary(vmid: u32, phase: Phase, a: &Applied, skipped: usize) -> String {
         a.changed, a.unchanged
     );
     if a.vanished > 0 {
-        s.push_str(&format!(", {} threads gone", a.vanished));
+        s.push_str(&format!(", {} threads or IRQs gone", a.vanished));
+    }
+    if !a.refused.is_empty() {
+        // IRQs mostly: name them, a managed IRQ is something an admin may want to know about.
+        let names: Vec<String> = a
+            .refused
+            .iter()
+            .map(|(path, errno)| {
+                let short = path
+                    .strip_prefix("/proc/irq/")
+                    .and_then(|p| p.split('/').next())
+                    .map_or_else(|| path.clone(), |n| format!("IRQ {n}"));
+                format!("{short} ({errno})")
+            })
+            .collect();
+        s.push_str(&format!(
+            ", {} refused by the kernel (managed or per-CPU IRQs, left as they are): {}",
+            a.refused.len(),
+            names.join(", ")
+        ));
     }
     if skipped > 0 {
         s.push_str(&format!(", {skipped} skipped (see warnings)"));

@@ -43,9 +43,10 @@
 //! A ledger of format 1 (a snapshot only, no journal) loads as generation 0 and is rewritten
 //! as format 2 by the next change; a newer format is refused, naming the file.
 
-use crate::cpuset::CpuSet;
+use crate::cpuset::{CpuFormat, CpuSet, exclude_text};
 use crate::root::{Root, paths};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -102,6 +103,19 @@ pub struct Claim {
     /// Exact file content before the first claim.
     pub original: String,
     pub holders: Vec<Holder>,
+    /// Set for a file whose value is a CPU set composed from every holder (an IRQ's
+    /// affinity): each holder's `value` is then the CPUs it takes out, not a value to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compose: Option<Compose>,
+}
+
+/// How a composed claim's value is made: the original CPU set minus every holder's CPUs, or
+/// `fallback` minus them when that would leave none (see `cpuset::exclude_text`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compose {
+    pub format: CpuFormat,
+    /// The housekeeping CPUs as the latest claimer saw them.
+    pub fallback: CpuSet,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,12 +168,27 @@ struct JournalEntry {
 }
 
 impl Claim {
-    /// The value the file should hold: the last claimer's, or the original when none is left.
-    pub fn effective(&self) -> &str {
-        self.holders
-            .last()
-            .map(|h| h.value.as_str())
-            .unwrap_or(&self.original)
+    /// The value the file should hold: the original when no holder is left; for a composed
+    /// claim, the original minus the CPUs of every holder; else the last claimer's value.
+    /// Composing is commutative, so with composed claims the stop order of VMs never matters.
+    pub fn effective(&self) -> Cow<'_, str> {
+        let Some(last) = self.holders.last() else {
+            return Cow::Borrowed(&self.original);
+        };
+        let Some(compose) = &self.compose else {
+            return Cow::Borrowed(&last.value);
+        };
+        let taken = self
+            .holders
+            .iter()
+            .filter_map(|h| h.value.parse::<CpuSet>().ok())
+            .fold(CpuSet::new(), |acc, c| acc.union(&c));
+        Cow::Owned(exclude_text(
+            &self.original,
+            compose.format,
+            &taken,
+            &compose.fallback,
+        ))
     }
 }
 
@@ -661,6 +690,7 @@ mod tests {
         let mut claim = Claim {
             original: "1\n".into(),
             holders: vec![],
+            compose: None,
         };
         assert_eq!(claim.effective(), "1\n");
         claim.holders.push(Holder {
@@ -672,6 +702,43 @@ mod tests {
             value: "60".into(),
         });
         assert_eq!(claim.effective(), "60");
+    }
+
+    #[test]
+    fn a_composed_claim_takes_out_every_holders_cpus_in_any_order() {
+        let holder = |vmid, cpus: &str| Holder {
+            vmid,
+            value: cpus.into(),
+        };
+        let claim = |original: &str| Claim {
+            original: original.into(),
+            holders: vec![],
+            compose: Some(Compose {
+                format: CpuFormat::List,
+                fallback: "0-1".parse().unwrap(),
+            }),
+        };
+        let mut irq = claim("0-7\n");
+        irq.holders.push(holder(100, "4-5"));
+        assert_eq!(irq.effective(), "0-3,6-7");
+        irq.holders.push(holder(101, "6-7"));
+        irq.holders.push(holder(102, "2-3"));
+        assert_eq!(irq.effective(), "0-1");
+        // Stopping one VM gives back exactly its CPUs, whatever the order.
+        irq.holders.retain(|h| h.vmid != 100);
+        assert_eq!(irq.effective(), "0-1,4-5");
+        irq.holders.retain(|h| h.vmid != 102);
+        assert_eq!(irq.effective(), "0-5");
+        irq.holders.clear();
+        assert_eq!(irq.effective(), "0-7\n", "the last stop restores the bytes");
+        // An IRQ bound to VM CPUs only: when none of its CPUs is left, the fallback.
+        let mut bound = claim("4-7");
+        bound.holders.push(holder(100, "4-5"));
+        assert_eq!(bound.effective(), "6-7");
+        bound.holders.push(holder(101, "6-7"));
+        assert_eq!(bound.effective(), "0-1");
+        bound.holders.retain(|h| h.vmid != 101);
+        assert_eq!(bound.effective(), "6-7");
     }
 
     /// A private ledger directory, removed on drop.
@@ -716,6 +783,7 @@ mod tests {
                     vmid,
                     value: value.into(),
                 }],
+                compose: None,
             }),
         }
     }

@@ -358,7 +358,7 @@ fn crash_of_a_second_claimer_restores_what_the_first_needs() {
                     },
                 },
             },
-            Action::Pin { .. } => s.clone(),
+            Action::Pin { .. } | Action::Exclude { .. } => s.clone(),
         })
         .collect();
     for crash_at in 1..=second.len() {

@@ -322,9 +322,10 @@ fn affinity(pid: i32) -> String {
 #[test]
 fn failure_in_the_middle_of_post_start_undoes_that_phase() {
     let root = host_copy("ryzen-5900x");
-    let before = snapshot(&root.path);
     let out = pvetune(&root.path, &["100", "pre-start"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // What pre-start did (the IRQs) stays: only post-start's own changes are undone.
+    let before = snapshot(&root.path);
     let _vm = FakeVm::start(&root.path, 100);
     // The last governor policy of the VM's CPUs cannot be written (a directory where the
     // attribute should be): the 11 governors before it and the pins must be undone.

@@ -236,6 +236,7 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
         put(root, "sys/devices/cpu_core/cpus", &pick(true));
         put(root, "sys/devices/cpu_atom/cpus", &pick(false));
     }
+    write_irqs(root, &cores, &online, nbits);
     put(root, "proc/sys/vm/stat_interval", "1");
     put(root, "proc/sys/vm/swappiness", "60");
     put_empty(root, "proc/sys/vm/compact_memory");
@@ -243,6 +244,60 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
     let balancing = if spec.nodes.len() > 1 { "1" } else { "0" };
     put(root, "proc/sys/kernel/numa_balancing", balancing);
     put(root, "proc/sys/kernel/sched_rt_runtime_us", "950000");
+}
+
+/// `/proc/irq` of a host with the usual legacy IRQs, a 4-queue NIC and an NVMe drive: the
+/// legacy and NIC IRQs may go anywhere (affinity: every CPU, the default), NVMe's admin queue
+/// too, and its I/O queues are managed, one per core, on that core's threads. Each IRQ has the
+/// files the kernel creates.
+fn write_irqs(root: &Path, cores: &[Core], online: &CpuSet, nbits: u32) {
+    put(root, "proc/irq/default_smp_affinity", &mask(online, nbits));
+    let mut irqs: Vec<(u32, String, CpuSet, &str)> = [
+        (0, "timer"),
+        (1, "i8042"),
+        (8, "rtc0"),
+        (9, "acpi"),
+        (12, "i8042"),
+        (16, "ehci_hcd:usb1"),
+    ]
+    .into_iter()
+    .map(|(n, name)| (n, name.to_string(), online.clone(), "-1"))
+    .collect();
+    for q in 0..4 {
+        irqs.push((24 + q, format!("enp5s0-TxRx-{q}"), online.clone(), "0"));
+    }
+    irqs.push((28, "nvme0q0".into(), online.clone(), "0"));
+    for (k, core) in cores.iter().enumerate() {
+        let cpus = core.cpus.intersection(online);
+        if !cpus.is_empty() {
+            irqs.push((29 + k as u32, format!("nvme0q{}", k + 1), cpus, "0"));
+        }
+    }
+    for (n, action, cpus, node) in irqs {
+        let dir = format!("proc/irq/{n}");
+        put(root, &format!("{dir}/smp_affinity"), &mask(&cpus, nbits));
+        put(root, &format!("{dir}/smp_affinity_list"), &cpus.to_string());
+        let target: CpuSet = cpus.first().into_iter().collect();
+        put(
+            root,
+            &format!("{dir}/effective_affinity"),
+            &mask(&target, nbits),
+        );
+        put(
+            root,
+            &format!("{dir}/effective_affinity_list"),
+            &target.to_string(),
+        );
+        put(root, &format!("{dir}/node"), node);
+        put(
+            root,
+            &format!("{dir}/spurious"),
+            "count 0\nunhandled 0\nlast_unhandled 0 ms",
+        );
+        // The kernel's (empty) action directory, `<dir>/<action>/`, is left out: git keeps
+        // no empty directory, and pvetune never reads it.
+        let _ = action;
+    }
 }
 
 /// One policy per CPU, as acpi-cpufreq and intel_pstate create them. Only online CPUs get one

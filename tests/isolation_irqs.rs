@@ -1,0 +1,267 @@
+//! IRQs off the VMs' CPUs (`isolation: {irqs: true}`) on the Ryzen 5900X fixture host, whose
+//! `/proc/irq` is shaped like the kernel's (tests/common/hostgen.rs): every IRQ affinity and
+//! the default affinity are composed from every VM that holds them, in any stop order, and the
+//! last stop gives back the original bytes. Refused IRQs (managed: EPERM) are skipped.
+
+mod fixture;
+
+use fixture::{FakeVm, host_copy, pvetune, read, snapshot, stderr, stdout, write};
+use pvetune::cpuset::{CpuFormat, CpuSet};
+use pvetune::exec::Executor;
+use pvetune::host::{Host, RealHost};
+use pvetune::plan::{Action, Step};
+use pvetune::root::Root;
+use pvetune::state::Store;
+use std::io;
+use std::path::Path;
+
+/// The three VMs: the second CCD (the shipped example profile), then two more on the first.
+const VMS: [(u32, &str); 3] = [(100, "6-11,18-23"), (101, "3-5,15-17"), (102, "1-2,13-14")];
+const ALL: &str = "0-23";
+
+fn add_vm(root: &Path, vmid: u32, cpus: &str) {
+    write(
+        root,
+        &format!("/etc/pve/pvetune/{vmid}.yaml"),
+        &format!("cpus: {cpus}\nvcpus: sequential\nisolation:\n  irqs: true\n"),
+    );
+    write(
+        root,
+        &format!("/etc/pve/qemu-server/{vmid}.conf"),
+        "cores: 2\nmemory: 512\n",
+    );
+}
+
+fn start(root: &Path, vmid: u32) -> FakeVm {
+    let id = vmid.to_string();
+    let out = pvetune(root, &[&id, "pre-start"]);
+    assert!(out.status.success(), "pre-start {vmid}: {}", stderr(&out));
+    let vm = FakeVm::start(root, vmid);
+    let out = pvetune(root, &[&id, "post-start"]);
+    assert!(out.status.success(), "post-start {vmid}: {}", stderr(&out));
+    vm
+}
+
+fn stop(root: &Path, vmid: u32, vm: &mut FakeVm) {
+    vm.kill();
+    let out = pvetune(root, &[&vmid.to_string(), "post-stop"]);
+    assert!(out.status.success(), "post-stop {vmid}: {}", stderr(&out));
+}
+
+fn set(s: &str) -> CpuSet {
+    s.parse().unwrap()
+}
+
+/// Every IRQ's affinity and the default affinity, given the VMs that run.
+fn assert_irqs_off(root: &Path, running: &[(u32, &str)]) {
+    let taken = running
+        .iter()
+        .fold(CpuSet::new(), |acc, (_, c)| acc.union(&set(c)));
+    let left = set(ALL).difference(&taken);
+    let who: Vec<u32> = running.iter().map(|(v, _)| *v).collect();
+    for irq in [0, 1, 9, 16, 24, 27, 28] {
+        let now = read(root, &format!("/proc/irq/{irq}/smp_affinity_list"));
+        assert_eq!(set(now.trim()), left, "IRQ {irq} with VMs {who:?} running");
+    }
+    let mask = read(root, "/proc/irq/default_smp_affinity");
+    let want = if running.is_empty() {
+        "ffffff".to_string()
+    } else {
+        CpuFormat::Mask.render(&left, "ffffff")
+    };
+    assert_eq!(
+        mask.trim(),
+        want,
+        "default affinity with VMs {who:?} running"
+    );
+    // NVMe queue 7 is managed on core 6 (CPUs 6,18), all VM 100's: with VM 100 running it
+    // goes to housekeeping CPUs, never to another VM's.
+    let q7 = set(read(root, "/proc/irq/35/smp_affinity_list").trim());
+    if who.contains(&100) {
+        assert!(q7.is_disjoint(&taken), "IRQ 35 on {q7} with {who:?}");
+        assert!(!q7.is_empty());
+    } else {
+        assert_eq!(q7, set("6,18"));
+    }
+}
+
+/// Three VMs start, then stop in `order`; after each stop the remaining VMs' CPUs stay free
+/// of IRQs, and the end is the tree from before, byte for byte.
+fn three_vms_stop_in(order: [usize; 3]) {
+    let root = host_copy("ryzen-5900x");
+    let before = snapshot(&root.path);
+    for (vmid, cpus) in &VMS[1..] {
+        add_vm(&root.path, *vmid, cpus);
+    }
+    let with_profiles = snapshot(&root.path);
+    let mut vms: Vec<Option<FakeVm>> = VMS
+        .iter()
+        .map(|(vmid, _)| Some(start(&root.path, *vmid)))
+        .collect();
+    assert_irqs_off(&root.path, &VMS);
+    let mut running: Vec<(u32, &str)> = VMS.to_vec();
+    for i in order {
+        let (vmid, _) = VMS[i];
+        let mut vm = vms[i].take().unwrap();
+        stop(&root.path, vmid, &mut vm);
+        running.retain(|(v, _)| *v != vmid);
+        assert_irqs_off(&root.path, &running);
+    }
+    assert_eq!(snapshot(&root.path), with_profiles, "stop order {order:?}");
+    drop(before);
+}
+
+#[test]
+fn three_isolated_vms_stopped_in_every_order_give_back_exactly_their_cpus() {
+    for order in [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ] {
+        three_vms_stop_in(order);
+    }
+}
+
+#[test]
+fn two_isolated_vms_stopped_in_both_orders() {
+    for order in [[0usize, 1], [1, 0]] {
+        let root = host_copy("ryzen-5900x");
+        add_vm(&root.path, 101, VMS[1].1);
+        let before = snapshot(&root.path);
+        let mut a = start(&root.path, 100);
+        let mut b = start(&root.path, 101);
+        assert_irqs_off(&root.path, &VMS[..2]);
+        let (first, second) = if order[0] == 0 {
+            ((100, &mut a), (101, &mut b))
+        } else {
+            ((101, &mut b), (100, &mut a))
+        };
+        stop(&root.path, first.0, first.1);
+        let left: Vec<(u32, &str)> = VMS[..2]
+            .iter()
+            .filter(|(v, _)| *v == second.0)
+            .copied()
+            .collect();
+        assert_irqs_off(&root.path, &left);
+        stop(&root.path, second.0, second.1);
+        assert_eq!(snapshot(&root.path), before, "stop order {order:?}");
+    }
+}
+
+#[test]
+fn plan_shows_every_irq_and_the_default_affinity_before_qemu_starts() {
+    let root = host_copy("ryzen-5900x");
+    let out = pvetune(&root.path, &["plan", "100", "--phase", "pre-start"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in [
+        "/proc/irq/default_smp_affinity: ffffff -> 03f03f",
+        "/proc/irq/0/smp_affinity_list: 0-23 -> 0-5,12-17",
+        "/proc/irq/29/smp_affinity_list: 0,12 -> 0,12 (unchanged)",
+        "/proc/irq/35/smp_affinity_list: 6,18 -> 0-5,12-17",
+        "note: irqs: 23 IRQs off CPUs 6-11,18-23",
+    ] {
+        assert!(text.contains(line), "missing '{line}' in:\n{text}");
+    }
+}
+
+/// The kernel refuses managed IRQs (EPERM on 6.12 and later, EIO on 6.8): the rest of the
+/// batch is applied, the refused IRQ is reported and not held, and rollback restores the rest.
+struct RefusesIrq<'a> {
+    path: &'a Path,
+    errno: i32,
+}
+
+impl Host for RefusesIrq<'_> {
+    fn read(&self, path: &Path) -> io::Result<String> {
+        RealHost.read(path)
+    }
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        if path == self.path {
+            return Err(io::Error::from_raw_os_error(self.errno));
+        }
+        RealHost.write(path, value)
+    }
+    fn get_affinity(&self, tid: i32) -> io::Result<pvetune::cpuset::CpuSet> {
+        RealHost.get_affinity(tid)
+    }
+    fn set_affinity(&self, tid: i32, cpus: &pvetune::cpuset::CpuSet) -> io::Result<()> {
+        RealHost.set_affinity(tid, cpus)
+    }
+}
+
+fn exclude(irq: u32) -> Step {
+    Step {
+        tunable: "irqs",
+        action: Action::Exclude {
+            path: format!("/proc/irq/{irq}/smp_affinity_list"),
+            cpus: set("6-11,18-23"),
+            format: CpuFormat::List,
+            fallback: set("0-5,12-17"),
+            refusable: true,
+        },
+    }
+}
+
+#[test]
+fn a_refused_irq_is_skipped_not_held_and_the_rest_rolls_back() {
+    for errno in [nix::libc::EPERM, nix::libc::EIO, nix::libc::ENOSPC] {
+        let tree = host_copy("ryzen-5900x");
+        let before = snapshot(&tree.path);
+        let root = Root::new(&tree.path);
+        let store = Store::new(&root);
+        let refused = root.path("/proc/irq/35/smp_affinity_list");
+        let host = RefusesIrq {
+            path: &refused,
+            errno,
+        };
+        let steps = [exclude(0), exclude(35), exclude(36)];
+        let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
+        let applied = exec.apply(&steps).expect("a refused IRQ is no failure");
+        assert_eq!(applied.changed, 2);
+        assert_eq!(applied.refused.len(), 1, "errno {errno}");
+        assert_eq!(applied.refused[0].0, "/proc/irq/35/smp_affinity_list");
+        let state = store.load().unwrap();
+        assert!(!state.claims.contains_key("/proc/irq/35/smp_affinity_list"));
+        assert!(state.claims.contains_key("/proc/irq/36/smp_affinity_list"));
+        assert_eq!(
+            read(&tree.path, "/proc/irq/36/smp_affinity_list"),
+            "0-5,12-17\n"
+        );
+        let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
+        assert!(exec.rollback(false).is_empty());
+        assert_eq!(snapshot(&tree.path), before, "errno {errno}");
+    }
+}
+
+#[test]
+fn an_irq_that_is_not_refusable_fails_the_batch_and_is_undone() {
+    let tree = host_copy("ryzen-5900x");
+    let before = snapshot(&tree.path);
+    let root = Root::new(&tree.path);
+    let store = Store::new(&root);
+    let refused = root.path("/proc/irq/default_smp_affinity");
+    let host = RefusesIrq {
+        path: &refused,
+        errno: nix::libc::EINVAL,
+    };
+    let mut steps = vec![exclude(0)];
+    steps.push(Step {
+        tunable: "irqs",
+        action: Action::Exclude {
+            path: "/proc/irq/default_smp_affinity".into(),
+            cpus: set("6-11,18-23"),
+            format: CpuFormat::Mask,
+            fallback: set("0-5,12-17"),
+            refusable: false,
+        },
+    });
+    let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
+    exec.apply(&steps)
+        .expect_err("EINVAL on the default affinity is a failure");
+    assert_eq!(snapshot(&tree.path), before);
+    assert!(store.load().unwrap().claims.is_empty());
+}
