@@ -148,11 +148,21 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
         }
         for (path, claim) in &state.claims {
             if let Some(h) = claim.holders.iter().find(|h| h.vmid == vmid) {
-                out.push(format!(
-                    "  {path}: {} (original {})",
-                    h.value.trim(),
-                    claim.original.trim()
-                ));
+                // A composed claim's holder value is the CPUs it takes out, not the file's.
+                let line = match claim.compose {
+                    Some(_) => format!(
+                        "  {path}: {} (original {}; CPUs {} taken out)",
+                        claim.effective().trim(),
+                        claim.original.trim(),
+                        h.value.trim()
+                    ),
+                    None => format!(
+                        "  {path}: {} (original {})",
+                        h.value.trim(),
+                        claim.original.trim()
+                    ),
+                };
+                out.push(line);
             }
         }
     }
@@ -162,7 +172,10 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
             let holders: Vec<String> = claim
                 .holders
                 .iter()
-                .map(|h| format!("VM {}={}", h.vmid, h.value.trim()))
+                .map(|h| match claim.compose {
+                    Some(_) => format!("VM {} takes out {}", h.vmid, h.value.trim()),
+                    None => format!("VM {}={}", h.vmid, h.value.trim()),
+                })
                 .collect();
             out.push(format!(
                 "  {path}: {} -> {} ({})",

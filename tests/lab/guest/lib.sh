@@ -77,6 +77,10 @@ finish() { exit "$LAB_FAILED"; }
 
 # --- the "VM": a real QEMU, paused, with the threads Proxmox's QEMU has --------------------
 
+# The VM's guest topology (`-smp`), in its config (`args:`) and on QEMU's command line; a
+# scenario sets it before vm_config and vm_start for a smaller VM.
+LAB_VM_SMP=4,sockets=1,cores=2,threads=2
+
 # vm_config <vmid> [extra config lines...]: /etc/pve/qemu-server/<vmid>.conf as Proxmox writes it.
 vm_config() {
 	local vmid=$1 line
@@ -87,7 +91,7 @@ vm_config() {
 		echo "memory: 64"
 		echo "sockets: 1"
 		echo "cores: 2"
-		echo "args: -smp 4,sockets=1,cores=2,threads=2"
+		echo "args: -smp $LAB_VM_SMP"
 		for line in "$@"; do echo "$line"; done
 	} > "/etc/pve/qemu-server/$vmid.conf"
 }
@@ -104,7 +108,7 @@ vm_start() {
 	local vmid=$1 iothread=${2:-iothread-virtioscsi0}
 	mkdir -p /var/run/qemu-server
 	set -- qemu-system-x86_64 -accel tcg,thread=multi -machine q35 -m 64 \
-		-smp 4,sockets=1,cores=2,threads=2 -object "iothread,id=$iothread" \
+		-smp "$LAB_VM_SMP" -object "iothread,id=$iothread" \
 		-nographic -nodefaults -S -daemonize -pidfile "/var/run/qemu-server/$vmid.pid" \
 		-qmp "unix:/var/run/qemu-server/$vmid.qmp,server=on,wait=off" -name lab,debug-threads=on
 	if [ "$LAB_FLAVOUR" = systemd ]; then
@@ -231,7 +235,7 @@ snapshot() {
 		echo "== hugepages"
 		dump /sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages
 		echo "== irqs"
-		dump /proc/irq/*/smp_affinity_list
+		dump /proc/irq/default_smp_affinity /proc/irq/*/smp_affinity_list
 		echo "== workqueue"
 		dump /sys/devices/virtual/workqueue/cpumask
 		echo "== pci"
