@@ -134,6 +134,20 @@ fn two_isolated_vms_stopped_in_both_orders() {
         let mut a = start(&root.path, 100);
         let mut b = start(&root.path, 101);
         assert_irqs_off(&root.path, &VMS[..2]);
+        let status = stdout(&pvetune(&root.path, &["status"]));
+        assert!(
+            status.contains(
+                "/proc/irq/0/smp_affinity_list: 0-23 -> 0-2,12-14 (VM 100 takes out 6-11,18-23, VM 101 takes out 3-5,15-17)"
+            ),
+            "{status}"
+        );
+        let status = stdout(&pvetune(&root.path, &["status", "101"]));
+        assert!(
+            status.contains(
+                "/proc/irq/0/smp_affinity_list: 0-2,12-14 (original 0-23; CPUs 3-5,15-17 taken out)"
+            ),
+            "{status}"
+        );
         let (first, second) = if order[0] == 0 {
             ((100, &mut a), (101, &mut b))
         } else {
