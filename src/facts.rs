@@ -26,6 +26,9 @@ pub struct Irqs {
     pub numbers: Vec<u32>,
     /// Whether `/proc/irq/default_smp_affinity` exists.
     pub default_affinity: bool,
+    /// The pid of a running irqbalance, which moves IRQs back by itself (it only ever bans
+    /// boot-time isolated CPUs, never a VM's: isolation-facts.md section 5).
+    pub irqbalance: Option<u32>,
 }
 
 pub const IRQ_DIR: &str = "/proc/irq";
@@ -53,8 +56,21 @@ impl Irqs {
         Irqs {
             numbers,
             default_affinity: root.path(DEFAULT_IRQ_AFFINITY).exists(),
+            irqbalance: find_process(root, "irqbalance"),
         }
     }
+}
+
+/// The first process whose `comm` is `name` (one listing of /proc, one small read per process).
+fn find_process(root: &Root, name: &str) -> Option<u32> {
+    std::fs::read_dir(root.path("/proc"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| canonical_number(&e.file_name().to_string_lossy()))
+        .find(|pid| {
+            crate::attr::read(&root.path(format!("/proc/{pid}/comm")))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
 }
 
 /// `42`, not `042`, `+42` or `4 2`: a name that is a number exactly as the kernel prints it.

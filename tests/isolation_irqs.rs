@@ -279,3 +279,19 @@ fn an_irq_that_is_not_refusable_fails_the_batch_and_is_undone() {
     assert_eq!(snapshot(&tree.path), before);
     assert!(store.load().unwrap().claims.is_empty());
 }
+
+#[test]
+fn a_running_irqbalance_is_warned_about() {
+    let root = host_copy("ryzen-5900x");
+    let plan = |root: &Path| stdout(&pvetune(root, &["plan", "100", "--phase", "pre-start"]));
+    assert!(!plan(&root.path).contains("irqbalance"));
+    write(&root.path, "/proc/4242/comm", "irqbalance\n");
+    write(&root.path, "/proc/4243/comm", "irqbalance-ui\n");
+    let text = plan(&root.path);
+    assert!(
+        text.contains(
+            "warning: irqbalance runs (pid 4242) and will move IRQs back onto CPUs 6-11,18-23"
+        ),
+        "{text}"
+    );
+}

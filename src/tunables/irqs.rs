@@ -58,6 +58,13 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
         plan.steps
             .push(exclude(irq_affinity_path(irq), CpuFormat::List, true));
     }
+    if let Some(pid) = irqs.irqbalance {
+        plan.notes.push(format!(
+            "warning: irqbalance runs (pid {pid}) and will move IRQs back onto CPUs {cpus}: \
+             stop it (systemctl disable --now irqbalance) or ban the CPUs \
+             (IRQBALANCE_BANNED_CPULIST in /etc/default/irqbalance)"
+        ));
+    }
     if irqs.numbers.is_empty() {
         plan.skipped.push(Skip {
             tunable: TUNABLE,
