@@ -535,10 +535,11 @@ impl<'a, H: Host> Executor<'a, H> {
     }
 }
 
-/// A write the kernel refused where the action allows it (`Action::Exclude`): the path, the
-/// errno's name and the claim to go back to. IRQs refuse with EIO (6.8) or EPERM (6.14 on,
-/// and the 6.12 lab kernel) when managed or per-CPU, and with ENOSPC when the target CPUs
-/// have no vectors left.
+/// A write the kernel refused where the action allows it (`Action::Exclude` of an IRQ): the
+/// path, the errno's name and the claim to go back to. IRQs refuse with EIO (6.8) or EPERM
+/// (6.14 on, and the 6.12 lab kernel) when managed or per-CPU, with ENOSPC when the target
+/// CPUs have no vectors left, EBUSY while an earlier move is still pending (x86), ENOENT when
+/// the IRQ was freed meanwhile: an IRQ that cannot be moved never stops a VM from starting.
 fn refused<'i>(
     intent: &'i Intent,
     error: &ExecError,
@@ -555,13 +556,8 @@ fn refused<'i>(
     else {
         return None;
     };
-    let errno = match source.raw_os_error()? {
-        nix::libc::EIO => "EIO",
-        nix::libc::EPERM => "EPERM",
-        nix::libc::ENOSPC => "ENOSPC",
-        _ => return None,
-    };
-    Some((path, errno.to_string(), previous))
+    let errno = nix::errno::Errno::from_raw(source.raw_os_error()?);
+    Some((path, format!("{errno:?}"), previous))
 }
 
 /// Kernel files print what was written with different white space (`4096 87380` as

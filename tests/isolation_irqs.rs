@@ -222,7 +222,12 @@ fn exclude(irq: u32) -> Step {
 
 #[test]
 fn a_refused_irq_is_skipped_not_held_and_the_rest_rolls_back() {
-    for errno in [nix::libc::EPERM, nix::libc::EIO, nix::libc::ENOSPC] {
+    for errno in [
+        nix::libc::EPERM,
+        nix::libc::EIO,
+        nix::libc::ENOSPC,
+        nix::libc::EBUSY,
+    ] {
         let tree = host_copy("ryzen-5900x");
         let before = snapshot(&tree.path);
         let root = Root::new(&tree.path);
