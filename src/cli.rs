@@ -156,14 +156,15 @@ fn usage() -> Error {
     Error::Usage("usage: pvetune <vmid> <phase>, or a command: see pvetune --help".into())
 }
 
-/// A VMID becomes part of paths: digits only, in Proxmox's range 100..=999999999.
+/// A VMID becomes part of paths: digits only, no leading zero (`0100` would name another
+/// file than `100` in every path built from it), in Proxmox's range 100..=999999999.
 pub fn parse_vmid(s: &str) -> Result<u32, Error> {
     let bad = || {
         Error::Usage(format!(
             "invalid VMID '{s}': expected a number from 100 to 999999999"
         ))
     };
-    if s.is_empty() || s.len() > 9 || !s.bytes().all(|b| b.is_ascii_digit()) {
+    if s.is_empty() || s.len() > 9 || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let id: u32 = s.parse().map_err(|_| bad())?;
@@ -185,7 +186,18 @@ mod tests {
     fn vmids() {
         assert_eq!(parse_vmid("100").unwrap(), 100);
         assert_eq!(parse_vmid("999999999").unwrap(), 999_999_999);
-        for bad in ["99", "+100", "1e3", "../100", "", "1000000000", "0100x"] {
+        for bad in [
+            "99",
+            "+100",
+            "1e3",
+            "../100",
+            "",
+            "1000000000",
+            "0100x",
+            "0100",
+            "00100",
+            " 100",
+        ] {
             assert!(parse_vmid(bad).is_err(), "{bad}");
         }
     }
