@@ -169,29 +169,12 @@ impl<'a, H: Host> Executor<'a, H> {
         for step in steps {
             match &step.action {
                 Action::Write { path, value } => {
-                    let (current, previous) = match claims.get(path.as_str()) {
-                        Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
-                        None => (self.read(path)?, self.state.claims.get(path).cloned()),
+                    let Some(intent) =
+                        self.claim_intent(path, value.clone(), None, false, &claims, applied)?
+                    else {
+                        continue;
                     };
-                    let mut claim = previous.clone().unwrap_or_else(|| Claim {
-                        original: current.clone(),
-                        holders: Vec::new(),
-                        compose: None,
-                    });
-                    self.hold(&mut claim, value.clone());
-                    let effective = claim.effective().into_owned();
-                    changes.push(Change::Claim {
-                        path: path.clone(),
-                        claim: Some(claim.clone()),
-                    });
-                    claims.insert(path, claim);
-                    intents.push(Intent::Write {
-                        path: path.clone(),
-                        current,
-                        effective,
-                        previous,
-                        refusable: false,
-                    });
+                    record(path, intent, &mut claims, &mut changes, &mut intents);
                 }
                 Action::Exclude {
                     path,
@@ -200,48 +183,22 @@ impl<'a, H: Host> Executor<'a, H> {
                     fallback,
                     refusable,
                 } => {
-                    let (current, previous) = match claims.get(path.as_str()) {
-                        Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
-                        None => match self.read(path) {
-                            Ok(current) => (current, self.state.claims.get(path).cloned()),
-                            // An IRQ torn down since /proc/irq was listed.
-                            Err(_) if *refusable && !self.root.path(path).exists() => {
-                                applied.vanished += 1;
-                                continue;
-                            }
-                            Err(e) => return Err(e),
-                        },
-                    };
-                    let mut claim = previous.clone().unwrap_or_else(|| Claim {
-                        original: current.clone(),
-                        holders: Vec::new(),
-                        compose: None,
-                    });
-                    claim.compose = Some(Compose {
+                    let compose = Compose {
                         format: *format,
                         fallback: fallback.clone(),
-                    });
-                    self.hold(&mut claim, cpus.to_string());
-                    let effective = claim.effective().into_owned();
-                    // A file this VM does not change and nobody holds needs no claim. One that
-                    // another VM holds does, even unchanged: when that VM stops, this VM's
-                    // CPUs must stay out.
-                    if previous.is_none() && same_value(&current, &effective) {
-                        applied.unchanged += 1;
+                    };
+                    let Some(intent) = self.claim_intent(
+                        path,
+                        cpus.to_string(),
+                        Some(compose),
+                        *refusable,
+                        &claims,
+                        applied,
+                    )?
+                    else {
                         continue;
-                    }
-                    changes.push(Change::Claim {
-                        path: path.clone(),
-                        claim: Some(claim.clone()),
-                    });
-                    claims.insert(path, claim);
-                    intents.push(Intent::Write {
-                        path: path.clone(),
-                        current,
-                        effective,
-                        previous,
-                        refusable: *refusable,
-                    });
+                    };
+                    record(path, intent, &mut claims, &mut changes, &mut intents);
                 }
                 Action::Pin { thread, cpus } => {
                     let Some(tid) = thread.tid else {
@@ -290,6 +247,56 @@ impl<'a, H: Host> Executor<'a, H> {
             }
         }
         Ok((intents, changes))
+    }
+
+    /// The claim this VM's write of `value` to `path` leads to, and the intent to make it:
+    /// `claims` holds what this batch already planned. None when nothing is to be done: a
+    /// composed file this VM leaves as it is and nobody holds (no claim needed; one that another
+    /// VM holds is joined even unchanged, so that this VM's CPUs stay out when that VM stops),
+    /// or a refusable target that vanished (an IRQ torn down since /proc/irq was listed).
+    fn claim_intent(
+        &self,
+        path: &str,
+        value: String,
+        compose: Option<Compose>,
+        refusable: bool,
+        claims: &HashMap<&str, Claim>,
+        applied: &mut Applied,
+    ) -> Result<Option<(Claim, Intent)>, ExecError> {
+        let (current, previous) = match claims.get(path) {
+            Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
+            None => match self.read(path) {
+                Ok(current) => (current, self.state.claims.get(path).cloned()),
+                Err(_) if refusable && !self.root.path(path).exists() => {
+                    applied.vanished += 1;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let mut claim = previous.clone().unwrap_or_else(|| Claim {
+            original: current.clone(),
+            holders: Vec::new(),
+            compose: None,
+        });
+        let composed = compose.is_some();
+        if compose.is_some() {
+            claim.compose = compose;
+        }
+        self.hold(&mut claim, value);
+        let effective = claim.effective().into_owned();
+        if composed && previous.is_none() && same_value(&current, &effective) {
+            applied.unchanged += 1;
+            return Ok(None);
+        }
+        let intent = Intent::Write {
+            path: path.to_string(),
+            current,
+            effective,
+            previous,
+            refusable,
+        };
+        Ok(Some((claim, intent)))
     }
 
     /// Step 3 of a batch, for one intent: Some(changed?), or None for a thread that exited.
@@ -533,6 +540,23 @@ impl<'a, H: Host> Executor<'a, H> {
             })?;
         Ok(Some(true))
     }
+}
+
+/// Adds a planned claim to the batch: its ledger entry, and what later steps of the batch on
+/// the same path see.
+fn record<'s>(
+    path: &'s str,
+    (claim, intent): (Claim, Intent),
+    claims: &mut HashMap<&'s str, Claim>,
+    changes: &mut Vec<Change>,
+    intents: &mut Vec<Intent>,
+) {
+    changes.push(Change::Claim {
+        path: path.to_string(),
+        claim: Some(claim.clone()),
+    });
+    claims.insert(path, claim);
+    intents.push(intent);
 }
 
 /// A write the kernel refused where the action allows it (`Action::Exclude` of an IRQ): the
