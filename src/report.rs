@@ -3,7 +3,7 @@
 use crate::error::Error;
 use crate::exec::same_value;
 use crate::hook::{Env, load, plan_for, process_alive};
-use crate::host::Host;
+use crate::host::{Host, RealHost};
 use crate::plan::{Action, Phase, Plan, Step, ThreadRef};
 use crate::state::{State, Store};
 
@@ -115,7 +115,17 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
     plan
 }
 
-/// `pvetune status`: what the ledger holds.
+/// ` [changed outside pvetune: now X]` when the file no longer holds what the claim set (an
+/// admin's echo, irqbalance, systemd): rollback still restores the original, and says so.
+fn drift(env: &Env, path: &str, claim: &crate::state::Claim) -> String {
+    match RealHost.read(&env.root.path(path)) {
+        Ok(now) if same_value(&now, &claim.effective()) => String::new(),
+        Ok(now) => format!(" [changed outside pvetune: now {}]", now.trim()),
+        Err(e) => format!(" [unreadable: {e}]"),
+    }
+}
+
+/// `pvetune status`: what the ledger holds, and what changed behind pvetune's back since.
 pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
     let state = Store::new(&env.root).load()?;
     let mut out = Vec::new();
@@ -139,9 +149,17 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
         out.push(format!("VM {vmid}: {proc_state}"));
         if let Some(rec) = rec {
             out.push(format!("  cpus {} (last phase {})", rec.cpus, rec.phase));
+            let alive = process_alive(env, Some(rec));
             for pin in &rec.pins {
+                // Only threads of the very QEMU that was pinned: a gone VM's tids may be reused.
+                let now = alive
+                    .then(|| RealHost.get_affinity(pin.tid).ok())
+                    .flatten()
+                    .filter(|now| *now != pin.new)
+                    .map(|now| format!(" [changed outside pvetune: now {now}]"))
+                    .unwrap_or_default();
                 out.push(format!(
-                    "  thread {} ({}): {} (was {})",
+                    "  thread {} ({}): {} (was {}){now}",
                     pin.tid, pin.label, pin.new, pin.old
                 ));
             }
@@ -162,7 +180,7 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         claim.original.trim()
                     ),
                 };
-                out.push(line);
+                out.push(line + &drift(env, path, claim));
             }
         }
     }
@@ -178,10 +196,11 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                 })
                 .collect();
             out.push(format!(
-                "  {path}: {} -> {} ({})",
+                "  {path}: {} -> {} ({}){}",
                 claim.original.trim(),
                 claim.effective().trim(),
-                holders.join(", ")
+                holders.join(", "),
+                drift(env, path, claim)
             ));
         }
     }

@@ -144,10 +144,21 @@ fn two_isolated_vms_stopped_in_both_orders() {
         let status = stdout(&pvetune(&root.path, &["status", "101"]));
         assert!(
             status.contains(
-                "/proc/irq/0/smp_affinity_list: 0-2,12-14 (original 0-23; CPUs 3-5,15-17 taken out)"
+                "/proc/irq/0/smp_affinity_list: 0-2,12-14 (original 0-23; CPUs 3-5,15-17 taken out)\n"
             ),
             "{status}"
         );
+        // Someone (irqbalance, an admin's echo) moves an IRQ back: status says so.
+        let irq9 = "/proc/irq/9/smp_affinity_list";
+        write(&root.path, irq9, "0-23\n");
+        let status = stdout(&pvetune(&root.path, &["status", "101"]));
+        assert!(
+            status.contains(&format!(
+                "{irq9}: 0-2,12-14 (original 0-23; CPUs 3-5,15-17 taken out) [changed outside pvetune: now 0-23]"
+            )),
+            "{status}"
+        );
+        write(&root.path, irq9, "0-2,12-14\n");
         let (first, second) = if order[0] == 0 {
             ((100, &mut a), (101, &mut b))
         } else {
