@@ -311,3 +311,21 @@ fn a_running_irqbalance_is_warned_about() {
         "{text}"
     );
 }
+
+/// VM 100 crashes (no post-stop): the next hook on the node (VM 102's pre-start) rolls it
+/// back, and the IRQs keep VM 101's CPUs out while they get VM 100's back.
+#[test]
+fn a_crashed_isolated_vm_gives_back_its_cpus_at_the_next_hook() {
+    let root = host_copy("ryzen-5900x");
+    add_vm(&root.path, 101, VMS[1].1);
+    add_vm(&root.path, 102, VMS[2].1);
+    let before = snapshot(&root.path);
+    let mut a = start(&root.path, 100);
+    let mut b = start(&root.path, 101);
+    a.kill();
+    let mut c = start(&root.path, 102);
+    assert_irqs_off(&root.path, &VMS[1..]);
+    stop(&root.path, 101, &mut b);
+    stop(&root.path, 102, &mut c);
+    assert_eq!(snapshot(&root.path), before);
+}
