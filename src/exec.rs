@@ -177,6 +177,7 @@ impl<'a, H: Host> Executor<'a, H> {
                         original: current.clone(),
                         holders: Vec::new(),
                         compose: None,
+                        extra: Default::default(),
                     });
                     self.hold(&mut claim, value.clone());
                     let effective = claim.effective().into_owned();
@@ -216,10 +217,14 @@ impl<'a, H: Host> Executor<'a, H> {
                         original: current.clone(),
                         holders: Vec::new(),
                         compose: None,
+                        extra: Default::default(),
                     });
+                    // Fields a newer pvetune recorded stay (see `state::Extra`).
+                    let extra = claim.compose.take().map(|c| c.extra).unwrap_or_default();
                     claim.compose = Some(Compose {
                         format: *format,
                         fallback: fallback.clone(),
+                        extra,
                     });
                     self.hold(&mut claim, cpus.to_string());
                     let effective = claim.effective().into_owned();
@@ -272,6 +277,10 @@ impl<'a, H: Host> Executor<'a, H> {
                             .as_ref()
                             .map_or_else(|| current.clone(), |p| p.old.clone()),
                         new: cpus.clone(),
+                        extra: previous
+                            .as_ref()
+                            .map(|p| p.extra.clone())
+                            .unwrap_or_default(),
                     };
                     changes.push(Change::Pin {
                         vmid: self.vmid,
@@ -448,6 +457,7 @@ impl<'a, H: Host> Executor<'a, H> {
             None => claim.holders.push(Holder {
                 vmid: self.vmid,
                 value,
+                extra: Default::default(),
             }),
         }
     }

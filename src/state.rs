@@ -64,6 +64,26 @@ pub const FORMAT_VERSION: u32 = 2;
 /// How long a hook waits for another pvetune run on this node before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The kernel file families pvetune writes, host-absolute. The ledger is input, not truth:
+/// every path it names (a claim's key: the only path a record holds; pins name threads, not
+/// files) must be normalized and lie under one of these, or the whole ledger is refused as
+/// corrupt, since rollback would write the `original` it holds there as root. A tunable that
+/// writes a new family adds its prefix here (with a trailing `/`).
+pub const LEDGER_PATH_PREFIXES: &[&str] = &[
+    "/proc/sys/",                // sysctls
+    "/proc/irq/",                // IRQ affinities, default_smp_affinity
+    "/sys/devices/system/",      // cpufreq governors, CPU and node attributes
+    "/sys/fs/cgroup/",           // cpuset partitions
+    "/sys/kernel/mm/hugepages/", // hugepage pools
+    "/sys/bus/pci/",             // PCI reset, driver binding
+];
+/// How much of a refused path an error message shows.
+const SHOWN_PATH_MAX: usize = 160;
+
+/// Unknown fields of a ledger record, kept as read so that a rewrite by this version does not
+/// drop what a newer one recorded.
+pub type Extra = BTreeMap<String, serde_json::Value>;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
@@ -71,9 +91,29 @@ pub struct State {
     /// snapshot on disk (an empty ledger, or one of format 1 not rewritten yet).
     #[serde(default)]
     generation: u64,
+    #[serde(deserialize_with = "vms_by_id")]
     pub vms: BTreeMap<u32, VmRecord>,
     /// Host path -> claim.
     pub claims: BTreeMap<String, Claim>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The `vms` map: its keys are VMIDs as JSON strings. Read by hand because a struct with a
+/// flattened field buffers its input, and serde then no longer reads integer map keys from
+/// strings.
+fn vms_by_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, VmRecord>, D::Error> {
+    let by_text = BTreeMap::<String, VmRecord>::deserialize(d)?;
+    by_text
+        .into_iter()
+        .map(|(id, rec)| match id.parse::<u32>() {
+            Ok(vmid) if id.bytes().all(|b| b.is_ascii_digit()) => Ok((vmid, rec)),
+            _ => Err(serde::de::Error::custom(format!(
+                "VM id {:?} is not a number",
+                shown(&id)
+            ))),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +127,8 @@ pub struct VmRecord {
     /// The last phase that ran for this VM.
     pub phase: String,
     pub pins: Vec<PinRecord>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +138,8 @@ pub struct PinRecord {
     /// Affinity before pvetune first pinned the thread.
     pub old: CpuSet,
     pub new: CpuSet,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +151,8 @@ pub struct Claim {
     /// affinity): each holder's `value` is then the CPUs it takes out, not a value to write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compose: Option<Compose>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// How a composed claim's value is made: the original CPU set minus every holder's CPUs, or
@@ -116,12 +162,16 @@ pub struct Compose {
     pub format: CpuFormat,
     /// The housekeeping CPUs as the latest claimer saw them.
     pub fallback: CpuSet,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub vmid: u32,
     pub value: String,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// One entry of the journal: sets one key of the ledger to an absolute value (`None`
@@ -157,6 +207,8 @@ struct SnapshotRef<'a> {
     generation: u64,
     vms: &'a BTreeMap<u32, VmRecord>,
     claims: &'a BTreeMap<String, Claim>,
+    #[serde(flatten)]
+    extra: &'a Extra,
 }
 
 /// One line of the journal, as read.
@@ -165,6 +217,45 @@ struct JournalEntry {
     v: u32,
     generation: u64,
     changes: Vec<Change>,
+}
+
+/// Why `path` may not be in the ledger, if it may not: it must be absolute and normalized
+/// (no empty, `.` or `..` component, no NUL) and lie under one of [`LEDGER_PATH_PREFIXES`].
+/// Linear in the path's length.
+pub fn path_refusal(path: &str) -> Option<&'static str> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Some("is not absolute");
+    };
+    if path.contains('\0') {
+        return Some("contains a NUL byte");
+    }
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Some("is not normalized (an empty, '.' or '..' component)");
+    }
+    if !LEDGER_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return Some("is not a kernel file pvetune writes");
+    }
+    None
+}
+
+/// A path (or any text from the ledger) as a message shows it: at most [`SHOWN_PATH_MAX`]
+/// characters, then `...`.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_PATH_MAX) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// The first path of `changes` that may not be in the ledger, with why.
+fn refused_change(changes: &[Change]) -> Option<(String, &'static str)> {
+    changes.iter().find_map(|c| match c {
+        Change::Claim { path, .. } => path_refusal(path).map(|why| (shown(path), why)),
+        Change::Pin { .. } | Change::Vm { .. } => None,
+    })
 }
 
 impl Claim {
@@ -326,6 +417,17 @@ pub enum StateError {
         source: serde_json::Error,
     },
     #[error(
+        "{file}: corrupt ledger (path {path:?} {reason}); it is kept as is: inspect it, undo by \
+         hand, then remove it"
+    )]
+    BadPath {
+        file: PathBuf,
+        path: String,
+        reason: &'static str,
+    },
+    #[error("refusing to record {path:?} in the ledger: it {reason}")]
+    Unrecordable { path: String, reason: &'static str },
+    #[error(
         "{path}: ledger format {found} is newer than this pvetune understands ({FORMAT_VERSION}); \
          run the pvetune that wrote it (or a newer one) to roll back"
     )]
@@ -402,6 +504,17 @@ impl Store {
                 found: state.version,
             });
         }
+        if let Some((bad, reason)) = state
+            .claims
+            .keys()
+            .find_map(|p| path_refusal(p).map(|why| (shown(p), why)))
+        {
+            return Err(StateError::BadPath {
+                file: path,
+                path: bad,
+                reason,
+            });
+        }
         if state.version < FORMAT_VERSION {
             log::info!(
                 "{}: ledger format {} is read as is and rewritten as format {FORMAT_VERSION} by the next change",
@@ -448,6 +561,15 @@ impl Store {
                     found: entry.v,
                 });
             }
+            // Every line, of any generation: a line naming such a path was not written by
+            // pvetune.
+            if let Some((bad, reason)) = refused_change(&entry.changes) {
+                return Err(StateError::BadPath {
+                    file: path,
+                    path: bad,
+                    reason,
+                });
+            }
             if entry.generation == state.generation {
                 state.apply(&entry.changes);
                 replayed += 1;
@@ -469,6 +591,10 @@ impl Store {
     pub fn append(&self, state: &mut State, changes: &[Change]) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
+        }
+        // What the next load would refuse is never recorded (it would lock the node out).
+        if let Some((path, reason)) = refused_change(changes) {
+            return Err(StateError::Unrecordable { path, reason });
         }
         if state.generation == 0 {
             let mut next = state.clone();
@@ -574,6 +700,7 @@ impl Store {
             generation,
             vms: &state.vms,
             claims: &state.claims,
+            extra: &state.extra,
         })
         .map_err(|source| StateError::Corrupt {
             path: path.clone(),
@@ -691,15 +818,18 @@ mod tests {
             original: "1\n".into(),
             holders: vec![],
             compose: None,
+            extra: Extra::new(),
         };
         assert_eq!(claim.effective(), "1\n");
         claim.holders.push(Holder {
             vmid: 100,
             value: "120".into(),
+            extra: Extra::new(),
         });
         claim.holders.push(Holder {
             vmid: 101,
             value: "60".into(),
+            extra: Extra::new(),
         });
         assert_eq!(claim.effective(), "60");
     }
@@ -709,6 +839,7 @@ mod tests {
         let holder = |vmid, cpus: &str| Holder {
             vmid,
             value: cpus.into(),
+            extra: Extra::new(),
         };
         let claim = |original: &str| Claim {
             original: original.into(),
@@ -716,7 +847,9 @@ mod tests {
             compose: Some(Compose {
                 format: CpuFormat::List,
                 fallback: "0-1".parse().unwrap(),
+                extra: Extra::new(),
             }),
+            extra: Extra::new(),
         };
         let mut irq = claim("0-7\n");
         irq.holders.push(holder(100, "4-5"));
@@ -763,7 +896,9 @@ mod tests {
             let store = dir.store();
             let mut state = store.load().unwrap();
             store.append(&mut state, &[vm_record()]).unwrap();
-            store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+            store
+                .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+                .unwrap();
             (dir, store, state)
         }
     }
@@ -782,8 +917,10 @@ mod tests {
                 holders: vec![Holder {
                     vmid,
                     value: value.into(),
+                    extra: Extra::new(),
                 }],
                 compose: None,
+                extra: Extra::new(),
             }),
         }
     }
@@ -797,6 +934,7 @@ mod tests {
                 label: format!("t{tid}"),
                 old: CpuSet::range(0, 1),
                 new: CpuSet::range(cpu, cpu),
+                extra: Extra::new(),
             }),
         }
     }
@@ -826,7 +964,9 @@ mod tests {
         store.save(&mut state).unwrap();
         assert_eq!(state.generation, 1);
         assert_eq!(store.load().unwrap(), state);
-        store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+        store
+            .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+            .unwrap();
         assert!(dir.file(JOURNAL_FILE).exists());
         store.save(&mut State::empty()).unwrap();
         assert!(!dir.file(STATE_FILE).exists());
@@ -917,7 +1057,9 @@ mod tests {
         let later = dir.store();
         let mut state = later.load().unwrap();
         assert_eq!(state, before);
-        later.append(&mut state, &[claim("/b", 100, "3")]).unwrap();
+        later
+            .append(&mut state, &[claim("/proc/sys/pvetune/b", 100, "3")])
+            .unwrap();
         let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
         assert_eq!(dir.store().load().unwrap(), state);
@@ -934,7 +1076,7 @@ mod tests {
             .append(
                 &mut state,
                 &[Change::Claim {
-                    path: "/a".into(),
+                    path: "/proc/sys/pvetune/a".into(),
                     claim: None,
                 }],
             )
@@ -980,7 +1122,9 @@ mod tests {
             state.claims["/proc/sys/vm/stat_interval"].effective(),
             "120"
         );
-        store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+        store
+            .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+            .unwrap();
         let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
         assert!(text.contains("\"version\": 2"), "{text}");
         assert_eq!(dir.store().load().unwrap(), state);
@@ -1020,5 +1164,123 @@ mod tests {
             err.contains("state.journal: ledger format 3 is newer"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ledger_paths_must_be_kernel_files_pvetune_writes() {
+        for good in [
+            "/proc/sys/vm/stat_interval",
+            "/proc/irq/35/smp_affinity_list",
+            "/sys/devices/system/cpu/cpufreq/policy4/scaling_governor",
+            "/sys/fs/cgroup/pvetune.slice/cpuset.cpus.partition",
+            "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
+            "/sys/bus/pci/devices/0000:01:00.0/reset",
+        ] {
+            assert_eq!(path_refusal(good), None, "{good}");
+        }
+        for bad in [
+            "/etc/shadow",
+            "proc/sys/vm/stat_interval",
+            "/proc/sys/../../etc/shadow",
+            "/proc/sys/./vm/stat_interval",
+            "/proc/sys//vm/stat_interval",
+            "/proc/sys/vm/",
+            "/proc/sys/",
+            "/proc/sysrq-trigger",
+            "/proc/sys/vm\0/x",
+            "",
+        ] {
+            assert!(path_refusal(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_ledger_naming_another_path_is_refused_whole() {
+        let (dir, store, _) = Dir::with_journal("bad-path");
+        let snapshot = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        let journal = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
+        // In the snapshot.
+        let mut bad: serde_json::Value = serde_json::from_str(&snapshot).unwrap();
+        bad["claims"]["/etc/shadow"] = serde_json::json!({"original": "x", "holders": []});
+        fs::write(dir.file(STATE_FILE), bad.to_string()).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.json: corrupt ledger (path \"/etc/shadow\" is not a kernel file"),
+            "{err}"
+        );
+        // In a journal line, even of an older generation; the path shown is bounded.
+        fs::write(dir.file(STATE_FILE), &snapshot).unwrap();
+        let long = format!("/proc/sys/{}/../../../etc/shadow", "x".repeat(5000));
+        let line = journal.replace("/proc/sys/pvetune/a", &long);
+        fs::write(dir.file(JOURNAL_FILE), format!("{journal}{line}")).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.journal: corrupt ledger (path \"/proc/sys/xxx")
+                && err.contains("...\" is not normalized"),
+            "{err}"
+        );
+        assert!(err.len() < 400, "{} bytes: {err}", err.len());
+        fs::write(
+            dir.file(JOURNAL_FILE),
+            journal.replace("\"generation\":1", "\"generation\":0") + &line,
+        )
+        .unwrap();
+        assert!(store.load().is_err());
+        // Nor is such a path ever recorded.
+        fs::write(dir.file(JOURNAL_FILE), &journal).unwrap();
+        let mut state = store.load().unwrap();
+        let err = store
+            .append(&mut state, &[claim_on("/etc/shadow")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refusing to record \"/etc/shadow\""), "{err}");
+        assert_eq!(fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap(), journal);
+    }
+
+    fn claim_on(path: &str) -> Change {
+        claim(path, 100, "2")
+    }
+
+    #[test]
+    fn fields_this_version_does_not_know_survive_a_change_and_compaction() {
+        let dir = Dir::new("extra");
+        fs::create_dir_all(dir.file("")).unwrap();
+        fs::write(
+            dir.file(STATE_FILE),
+            r#"{"version":2,"generation":4,"future":{"a":[1,2]},
+               "vms":{"100":{"cpus":"4-7","pid":null,"start_time":null,"phase":"pre-start",
+                             "cgroup":"/qemu.slice/100.scope",
+                             "pins":[{"tid":7,"label":"CPU 0","old":"0-7","new":"4","prio":5}]}},
+               "claims":{"/proc/irq/9/smp_affinity_list":{"original":"0-7\n",
+                   "holders":[{"vmid":100,"value":"4-7","since":"boot"}],
+                   "compose":{"format":"list","fallback":"0-3","numa":1},
+                   "kind":"irq"}}}"#,
+        )
+        .unwrap();
+        let store = dir.store();
+        let mut state = store.load().unwrap();
+        store
+            .append(
+                &mut state,
+                &[claim("/proc/sys/vm/stat_interval", 100, "120")],
+            )
+            .unwrap();
+        store.compact(&mut state).unwrap();
+        let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["generation"], 5, "{text}");
+        assert_eq!(json["future"], serde_json::json!({"a": [1, 2]}), "{text}");
+        let vm = &json["vms"]["100"];
+        assert_eq!(vm["cgroup"], "/qemu.slice/100.scope", "{text}");
+        assert_eq!(vm["pins"][0]["prio"], 5, "{text}");
+        let irq = &json["claims"]["/proc/irq/9/smp_affinity_list"];
+        assert_eq!(irq["kind"], "irq", "{text}");
+        assert_eq!(irq["holders"][0]["since"], "boot", "{text}");
+        assert_eq!(irq["compose"]["numa"], 1, "{text}");
+        assert_eq!(
+            json["claims"]["/proc/sys/vm/stat_interval"]["holders"][0]["value"],
+            "120"
+        );
+        assert_eq!(dir.store().load().unwrap(), state);
     }
 }
