@@ -51,7 +51,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -432,6 +432,16 @@ pub enum StateError {
          run the pvetune that wrote it (or a newer one) to roll back"
     )]
     Version { path: PathBuf, found: u32 },
+    #[error(
+        "{path} is a symbolic link or not a regular file; pvetune never follows links in its \
+         run directory: remove it (and find out who put it there)"
+    )]
+    NotRegular { path: PathBuf },
+    #[error(
+        "{path}: refused as pvetune's run directory: {reason} (it must be a real directory, \
+         owned by root, mode 0700)"
+    )]
+    UnsafeDir { path: PathBuf, reason: String },
     #[error("another pvetune run held {path} for {}s; giving up", LOCK_TIMEOUT.as_secs())]
     LockTimeout { path: PathBuf },
 }
@@ -490,7 +500,10 @@ impl Store {
     pub fn load(&self) -> Result<State, StateError> {
         let path = self.dir.join(STATE_FILE);
         // A journal without a snapshot is left from emptying the ledger: nothing to replay.
-        let Some(text) = read_if_present(&path).map_err(self.io(path.clone()))? else {
+        if !self.check_dir()? {
+            return Ok(State::empty());
+        }
+        let Some(text) = self.read_if_present(&path)? else {
             return Ok(State::empty());
         };
         let mut state: State =
@@ -532,7 +545,7 @@ impl Store {
     /// Applies the journal lines of the snapshot's generation, in order.
     fn replay(&self, state: &mut State) -> Result<(), StateError> {
         let path = self.dir.join(JOURNAL_FILE);
-        let Some(text) = read_if_present(&path).map_err(self.io(path.clone()))? else {
+        let Some(text) = self.read_if_present(&path)? else {
             return Ok(());
         };
         let (complete, torn) = match text.rfind('\n') {
@@ -645,14 +658,15 @@ impl Store {
             source: e,
         };
         self.ensure_dir()?;
-        let existed = path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+        let existed = fs::symlink_metadata(&path).is_ok();
+        let mut file = open_in_run_dir(
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .mode(0o600),
+            &path,
+        )?;
         if !existed {
             self.sync_dir()?;
         }
@@ -707,13 +721,13 @@ impl Store {
             source,
         })?;
         text.push('\n');
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(self.io(tmp.clone()))?;
+        // A temp file left by a crash is unlinked (a link there is removed, not followed), and
+        // the new one is created exclusively.
+        remove_if_present(&tmp).map_err(self.io(tmp.clone()))?;
+        let mut file = open_in_run_dir(
+            OpenOptions::new().write(true).create_new(true).mode(0o600),
+            &tmp,
+        )?;
         file.write_all(text.as_bytes())
             .map_err(self.io(tmp.clone()))?;
         file.sync_all().map_err(self.io(tmp.clone()))?;
@@ -730,24 +744,82 @@ impl Store {
     /// rewrite, so that the journal never outgrows a phase.
     pub fn compact(&self, state: &mut State) -> Result<(), StateError> {
         let journal = self.dir.join(JOURNAL_FILE);
-        if self.journal.borrow().is_some() || journal.exists() {
+        if self.journal.borrow().is_some() || fs::symlink_metadata(&journal).is_ok() {
             self.save(state)?;
         }
         Ok(())
     }
 
     fn sync_dir(&self) -> Result<(), StateError> {
-        File::open(&self.dir)
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+            .open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(self.io(self.dir.clone()))
     }
 
+    /// Whether the run directory exists, after checking that it is one pvetune may trust: a
+    /// real directory (not a link), owned by root (or by this process's user, for fixture
+    /// roots), mode 0700. Anything else is refused: whoever can write there could make
+    /// pvetune read a ledger of their making, or write through a link.
+    fn check_dir(&self) -> Result<bool, StateError> {
+        let meta = match fs::symlink_metadata(&self.dir) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(self.io(self.dir.clone())(e)),
+        };
+        let unsafe_dir = |reason: String| StateError::UnsafeDir {
+            path: self.dir.clone(),
+            reason,
+        };
+        if meta.file_type().is_symlink() {
+            return Err(unsafe_dir("it is a symbolic link".into()));
+        }
+        if !meta.is_dir() {
+            return Err(unsafe_dir("it is not a directory".into()));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(unsafe_dir(format!("it is owned by uid {}", meta.uid())));
+        }
+        if meta.mode() & 0o7777 != 0o700 {
+            return Err(unsafe_dir(format!(
+                "its mode is {:04o}",
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(true)
+    }
+
     fn ensure_dir(&self) -> Result<(), StateError> {
+        if self.check_dir()? {
+            return Ok(());
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .map_err(self.io(self.dir.clone()))
+            .map_err(self.io(self.dir.clone()))?;
+        // Just created (by this run, or a concurrent one): 0700 whatever the umask took away.
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .map_err(self.io(self.dir.clone()))?;
+        self.check_dir().map(|_| ())
+    }
+
+    /// A ledger file's text (None: absent), never read through a link.
+    fn read_if_present(&self, path: &std::path::Path) -> Result<Option<String>, StateError> {
+        let mut file = match open_in_run_dir(OpenOptions::new().read(true), path) {
+            Ok(file) => file,
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(self.io(path.to_path_buf()))?;
+        Ok(Some(text))
     }
 
     /// Serializes pvetune runs on this node (qemu-server runs hooks of different VMs in
@@ -758,13 +830,14 @@ impl Store {
         let path = self.dir.join(LOCK_FILE);
         let deadline = Instant::now() + LOCK_TIMEOUT;
         loop {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(self.io(path.clone()))?;
+            let file = open_in_run_dir(
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600),
+                &path,
+            )?;
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok(NodeLock { _lock: lock }),
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
@@ -779,12 +852,31 @@ impl Store {
     }
 }
 
-fn read_if_present(path: &std::path::Path) -> std::io::Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+/// Opens a file of the run directory without following a link there (`O_NOFOLLOW`: a link
+/// fails with ELOOP) and without blocking on a FIFO (`O_NONBLOCK`, no effect on a regular
+/// file), and refuses anything but a regular file.
+fn open_in_run_dir(opts: &mut OpenOptions, path: &std::path::Path) -> Result<File, StateError> {
+    let not_regular = || StateError::NotRegular {
+        path: path.to_path_buf(),
+    };
+    let file = opts
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(nix::libc::ELOOP) => not_regular(),
+            _ => StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(not_regular());
     }
+    Ok(file)
 }
 
 fn remove_if_present(path: &std::path::Path) -> std::io::Result<()> {
@@ -889,6 +981,14 @@ mod tests {
         }
         fn file(&self, name: &str) -> PathBuf {
             self.0.join("run/pvetune").join(name)
+        }
+        /// `/run/pvetune` as pvetune creates it: mode 0700.
+        fn make_run_dir(&self) {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(self.file(""))
+                .unwrap();
         }
         /// A ledger with a snapshot (VM 100's record) and one journal line (a claim on `/a`).
         fn with_journal(name: &str) -> (Dir, Store, State) {
@@ -1108,7 +1208,7 @@ mod tests {
     #[test]
     fn format_1_loads_and_is_rewritten_as_format_2() {
         let dir = Dir::new("v1");
-        fs::create_dir_all(dir.file("")).unwrap();
+        dir.make_run_dir();
         fs::write(
             dir.file(STATE_FILE),
             r#"{"version":1,"vms":{"100":{"cpus":"4-7","pid":null,"start_time":null,"phase":"pre-start","pins":[]}},
@@ -1244,7 +1344,7 @@ mod tests {
     #[test]
     fn fields_this_version_does_not_know_survive_a_change_and_compaction() {
         let dir = Dir::new("extra");
-        fs::create_dir_all(dir.file("")).unwrap();
+        dir.make_run_dir();
         fs::write(
             dir.file(STATE_FILE),
             r#"{"version":2,"generation":4,"future":{"a":[1,2]},
@@ -1282,5 +1382,106 @@ mod tests {
             "120"
         );
         assert_eq!(dir.store().load().unwrap(), state);
+    }
+
+    /// A file outside the run directory holding `text`, and a link to it planted as `name`.
+    fn plant(dir: &Dir, name: &str, text: &str) -> PathBuf {
+        let outside = dir.0.join(format!("outside-{name}"));
+        fs::write(&outside, text).unwrap();
+        let _ = fs::remove_file(dir.file(name));
+        std::os::unix::fs::symlink(&outside, dir.file(name)).unwrap();
+        outside
+    }
+
+    #[test]
+    fn links_planted_as_ledger_files_are_never_followed() {
+        // The snapshot: a link to a file that would even read as a valid ledger.
+        let (dir, _, _) = Dir::with_journal("link-snapshot");
+        let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        let outside = plant(&dir, STATE_FILE, &text);
+        let err = dir.store().load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.json is a symbolic link or not a regular file"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&outside).unwrap(), text);
+
+        // The journal: neither replayed nor appended to.
+        let (dir, _, mut state) = Dir::with_journal("link-journal");
+        let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
+        let outside = plant(&dir, JOURNAL_FILE, &text);
+        let err = dir.store().load().unwrap_err().to_string();
+        assert!(err.contains("state.journal is a symbolic link"), "{err}");
+        let err = dir
+            .store()
+            .append(&mut state, &[claim_on("/proc/sys/pvetune/b")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("state.journal is a symbolic link"), "{err}");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), text);
+
+        // The temp file a crash left: removed, the link not followed, the snapshot written.
+        let (dir, store, mut state) = Dir::with_journal("link-temp");
+        let outside = plant(&dir, &format!("{STATE_FILE}.tmp"), "precious\n");
+        store.compact(&mut state).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
+        assert!(fs::symlink_metadata(dir.file(&format!("{STATE_FILE}.tmp"))).is_err());
+        assert!(
+            fs::symlink_metadata(dir.file(STATE_FILE))
+                .unwrap()
+                .is_file()
+        );
+        assert_eq!(dir.store().load().unwrap(), state);
+
+        // The lock file.
+        let dir = Dir::new("link-lock");
+        dir.make_run_dir();
+        let outside = plant(&dir, LOCK_FILE, "precious\n");
+        let err = dir.store().lock().err().unwrap().to_string();
+        assert!(
+            err.contains("run/pvetune/lock is a symbolic link or not a regular file"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn a_run_directory_others_could_write_or_a_link_is_refused() {
+        let (dir, store, _) = Dir::with_journal("dir-mode");
+        let run = dir.0.join("run/pvetune");
+        assert_eq!(
+            fs::metadata(&run).unwrap().mode() & 0o7777,
+            0o700,
+            "created 0700"
+        );
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+        for err in [
+            store.load().unwrap_err().to_string(),
+            store.lock().err().unwrap().to_string(),
+        ] {
+            assert!(
+                err.contains("refused as pvetune's run directory: its mode is 0755"),
+                "{err}"
+            );
+        }
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            nix::unistd::chown(&run, nobody, None).unwrap();
+            let err = store.load().unwrap_err().to_string();
+            assert!(err.contains("it is owned by uid 65534"), "{err}");
+            nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        }
+        assert!(store.load().is_ok());
+
+        // A link to a directory that would pass every other check.
+        let real = dir.0.join("elsewhere");
+        fs::rename(&run, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &run).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("it is a symbolic link"), "{err}");
+        let err = store.lock().err().unwrap().to_string();
+        assert!(err.contains("it is a symbolic link"), "{err}");
+        assert!(!real.join(LOCK_FILE).exists());
     }
 }
