@@ -1394,8 +1394,8 @@ mod tests {
     }
 
     #[test]
-    fn links_planted_as_ledger_files_are_never_followed() {
-        // The snapshot: a link to a file that would even read as a valid ledger.
+    fn a_link_planted_as_the_snapshot_is_not_followed() {
+        // A link to a file that would even read as a valid ledger.
         let (dir, _, _) = Dir::with_journal("link-snapshot");
         let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
         let outside = plant(&dir, STATE_FILE, &text);
@@ -1405,8 +1405,10 @@ mod tests {
             "{err}"
         );
         assert_eq!(fs::read_to_string(&outside).unwrap(), text);
+    }
 
-        // The journal: neither replayed nor appended to.
+    #[test]
+    fn a_link_planted_as_the_journal_is_neither_replayed_nor_appended_to() {
         let (dir, _, mut state) = Dir::with_journal("link-journal");
         let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
         let outside = plant(&dir, JOURNAL_FILE, &text);
@@ -1419,8 +1421,11 @@ mod tests {
             .to_string();
         assert!(err.contains("state.journal is a symbolic link"), "{err}");
         assert_eq!(fs::read_to_string(&outside).unwrap(), text);
+    }
 
-        // The temp file a crash left: removed, the link not followed, the snapshot written.
+    #[test]
+    fn a_link_planted_as_the_temp_file_is_removed_not_followed() {
+        // As a temp file a crash left: removed, the link not followed, the snapshot written.
         let (dir, store, mut state) = Dir::with_journal("link-temp");
         let outside = plant(&dir, &format!("{STATE_FILE}.tmp"), "precious\n");
         store.compact(&mut state).unwrap();
@@ -1432,8 +1437,10 @@ mod tests {
                 .is_file()
         );
         assert_eq!(dir.store().load().unwrap(), state);
+    }
 
-        // The lock file.
+    #[test]
+    fn a_link_planted_as_the_lock_file_is_not_followed() {
         let dir = Dir::new("link-lock");
         dir.make_run_dir();
         let outside = plant(&dir, LOCK_FILE, "precious\n");
