@@ -481,6 +481,11 @@ impl Store {
         }
     }
 
+    /// The run directory the ledger lives in (under the root prefix).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     pub fn stats(&self) -> StoreStats {
         self.stats.get()
     }
