@@ -42,6 +42,15 @@
 //!
 //! A ledger of format 1 (a snapshot only, no journal) loads as generation 0 and is rewritten
 //! as format 2 by the next change; a newer format is refused, naming the file.
+//!
+//! # Input, not truth
+//!
+//! Rollback writes as root what the ledger says, so what is read is checked: every path a
+//! snapshot or a journal line names must be normalized and under [`LEDGER_PATH_PREFIXES`],
+//! else the whole ledger is refused (linear in its size); fields this version does not know
+//! are kept ([`Extra`]) and written back. The run directory must be a real directory owned by
+//! root (or this process's user, for fixture roots), mode 0700, and no file in it is opened
+//! through a link (`O_NOFOLLOW`; the temp file with `O_EXCL` after unlinking a stale one).
 
 use crate::cpuset::{CpuFormat, CpuSet, exclude_text};
 use crate::root::{Root, paths};
