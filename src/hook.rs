@@ -139,17 +139,30 @@ pub fn run_hook_with<H: Host>(
         log::debug!("VM {vmid}: no profile, nothing held: nothing to do");
         return Ok(String::new());
     }
-    let _lock = store.lock()?;
-    let Some(mut state) = load()? else {
-        return Ok(String::new());
-    };
-    let result = run_phase(env, host, store, &mut state, vmid, phase, loaded);
-    // After a failure too: what the journal holds is valid either way, this only keeps it short.
-    if let Err(e) = store.compact(&mut state) {
-        log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
+    let result = store.lock().map_err(Error::from).and_then(|_lock| {
+        let Some(mut state) = load()? else {
+            return Ok(String::new());
+        };
+        let result = run_phase(env, host, store, &mut state, vmid, phase, loaded);
+        // After a failure too: what the journal holds is valid either way, this only keeps it
+        // short.
+        if let Err(e) = store.compact(&mut state) {
+            log::warn!(
+                "ledger journal not compacted ({e}); it stays valid and the next run folds it"
+            );
+        }
+        log::debug!("VM {vmid} {phase}: ledger writes: {:?}", store.stats());
+        result
+    });
+    match result {
+        // What the ledger holds for other VMs (reconcile) or left over for this one cannot stop
+        // the start of a VM pvetune does not tune: the rest stays held for the next run.
+        Err(e) if unrelated && phase == Phase::PreStart => {
+            log::warn!("VM {vmid} {phase}: VM has no pvetune profile, going on; {e}");
+            Ok(String::new())
+        }
+        result => result,
     }
-    log::debug!("VM {vmid} {phase}: ledger writes: {:?}", store.stats());
-    result
 }
 
 /// The phase itself, under the node lock, on the ledger as loaded.

@@ -89,3 +89,39 @@ fn a_vm_with_a_profile_fails_pre_start_and_is_told_how_to_recover() {
         stderr(&out)
     );
 }
+
+#[test]
+fn an_undo_that_fails_for_another_vm_does_not_stop_a_vm_without_profile() {
+    let root = host_copy("ryzen-5900x");
+    // VM 102 crashed holding a claim on a file that cannot be restored (a directory now).
+    let run = root.path.join("run/pvetune");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&run)
+        .unwrap();
+    fs::create_dir_all(root.path.join("proc/sys/pvetune/gone")).unwrap();
+    fs::write(
+        run.join("state.json"),
+        r#"{"version":2,"generation":1,"vms":{},"claims":{"/proc/sys/pvetune/gone":
+            {"original":"1\n","holders":[{"vmid":102,"value":"2"}]}}}"#,
+    )
+    .unwrap();
+    let out = pvetune(&root.path, &["101", "pre-start"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(
+            "VM 101 pre-start: VM has no pvetune profile, going on; rollback of VM 102 incomplete"
+        ),
+        "{err}"
+    );
+    // The claim stays held for the next run, and a VM with a profile is told.
+    assert!(
+        fs::read_to_string(run.join("state.json"))
+            .unwrap()
+            .contains("/proc/sys/pvetune/gone")
+    );
+    let out = pvetune(&root.path, &["100", "pre-start"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
