@@ -39,6 +39,21 @@ pub enum Error {
     NotRunning { vmid: u32 },
     #[error("ledger: {0}")]
     State(#[from] StateError),
+    /// The ledger cannot be read in a hook of a VM with a profile: nothing is changed, and a
+    /// pre-start fails (pvetune cannot tell what it holds, so it cannot tune safely).
+    #[error(
+        "ledger: {source}; VM {vmid} {phase} stopped before any change. To recover: `pvetune \
+         status` shows what the ledger holds, `pvetune rollback <vmid>` undoes a VM; if they \
+         fail too, inspect {dir}/state.json and {dir}/state.journal, put back by hand what \
+         they list, then remove both",
+        dir = dir.display()
+    )]
+    Ledger {
+        vmid: u32,
+        phase: Phase,
+        dir: PathBuf,
+        source: StateError,
+    },
     #[error("{phase} failed: {source}; every change of this phase was undone")]
     Apply { phase: Phase, source: ExecError },
     #[error("rollback of VM {vmid} incomplete, the rest stays in the ledger for the next run: {}", errors.join("; "))]
@@ -69,6 +84,7 @@ impl Error {
             | Error::Vm { .. }
             | Error::NotRunning { .. }
             | Error::State(_)
+            | Error::Ledger { .. }
             | Error::Apply { .. }
             | Error::Output(_) => exit::FAILED,
         }

@@ -186,6 +186,7 @@ impl<'a, H: Host> Executor<'a, H> {
                     let compose = Compose {
                         format: *format,
                         fallback: fallback.clone(),
+                        extra: Default::default(),
                     };
                     let Some(intent) = self.claim_intent(
                         path,
@@ -229,6 +230,10 @@ impl<'a, H: Host> Executor<'a, H> {
                             .as_ref()
                             .map_or_else(|| current.clone(), |p| p.old.clone()),
                         new: cpus.clone(),
+                        extra: previous
+                            .as_ref()
+                            .map(|p| p.extra.clone())
+                            .unwrap_or_default(),
                     };
                     changes.push(Change::Pin {
                         vmid: self.vmid,
@@ -278,10 +283,13 @@ impl<'a, H: Host> Executor<'a, H> {
             original: current.clone(),
             holders: Vec::new(),
             compose: None,
+            extra: Default::default(),
         });
         let composed = compose.is_some();
-        if compose.is_some() {
-            claim.compose = compose;
+        if let Some(mut compose) = compose {
+            // Fields a newer pvetune recorded stay (see `state::Extra`).
+            compose.extra = claim.compose.take().map(|c| c.extra).unwrap_or_default();
+            claim.compose = Some(compose);
         }
         self.hold(&mut claim, value);
         let effective = claim.effective().into_owned();
@@ -455,6 +463,7 @@ impl<'a, H: Host> Executor<'a, H> {
             None => claim.holders.push(Holder {
                 vmid: self.vmid,
                 value,
+                extra: Default::default(),
             }),
         }
     }

@@ -107,20 +107,62 @@ pub fn run_hook_with<H: Host>(
         Phase::PostStop => None,
         _ => load(env, vmid, phase == Phase::PostStart)?,
     };
-    let held = store.load()?;
+    // A damaged ledger stops only the VMs pvetune tunes: for one without a profile it is a
+    // warning (post-stop has not loaded the profile: it only needs to know there is one).
+    let unrelated = loaded.is_none()
+        && (phase != Phase::PostStop
+            || profile::locate(&env.root, vmid, env.profile.as_deref()).is_none());
+    let load = || {
+        store
+            .load()
+            .map_err(|source| Error::Ledger {
+                vmid,
+                phase,
+                dir: store.dir().to_path_buf(),
+                source,
+            })
+            .map(Some)
+            .or_else(|e| match e {
+                Error::Ledger { source, .. } if unrelated => {
+                    log::warn!(
+                        "VM {vmid} {phase}: VM has no pvetune profile, going on; the ledger cannot be read: {source}"
+                    );
+                    Ok(None)
+                }
+                e => Err(e),
+            })
+    };
+    let Some(held) = load()? else {
+        return Ok(String::new());
+    };
     if loaded.is_none() && held.is_empty() {
         log::debug!("VM {vmid}: no profile, nothing held: nothing to do");
         return Ok(String::new());
     }
-    let _lock = store.lock()?;
-    let mut state = store.load()?;
-    let result = run_phase(env, host, store, &mut state, vmid, phase, loaded);
-    // After a failure too: what the journal holds is valid either way, this only keeps it short.
-    if let Err(e) = store.compact(&mut state) {
-        log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
+    let result = store.lock().map_err(Error::from).and_then(|_lock| {
+        let Some(mut state) = load()? else {
+            return Ok(String::new());
+        };
+        let result = run_phase(env, host, store, &mut state, vmid, phase, loaded);
+        // After a failure too: what the journal holds is valid either way, this only keeps it
+        // short.
+        if let Err(e) = store.compact(&mut state) {
+            log::warn!(
+                "ledger journal not compacted ({e}); it stays valid and the next run folds it"
+            );
+        }
+        log::debug!("VM {vmid} {phase}: ledger writes: {:?}", store.stats());
+        result
+    });
+    match result {
+        // What the ledger holds for other VMs (reconcile) or left over for this one cannot stop
+        // the start of a VM pvetune does not tune: the rest stays held for the next run.
+        Err(e) if unrelated && phase == Phase::PreStart => {
+            log::warn!("VM {vmid} {phase}: VM has no pvetune profile, going on; {e}");
+            Ok(String::new())
+        }
+        result => result,
     }
-    log::debug!("VM {vmid} {phase}: ledger writes: {:?}", store.stats());
-    result
 }
 
 /// The phase itself, under the node lock, on the ledger as loaded.

@@ -42,6 +42,15 @@
 //!
 //! A ledger of format 1 (a snapshot only, no journal) loads as generation 0 and is rewritten
 //! as format 2 by the next change; a newer format is refused, naming the file.
+//!
+//! # Input, not truth
+//!
+//! Rollback writes as root what the ledger says, so what is read is checked: every path a
+//! snapshot or a journal line names must be normalized and under [`LEDGER_PATH_PREFIXES`],
+//! else the whole ledger is refused (linear in its size); fields this version does not know
+//! are kept ([`Extra`]) and written back. The run directory must be a real directory owned by
+//! root (or this process's user, for fixture roots), mode 0700, and no file in it is opened
+//! through a link (`O_NOFOLLOW`; the temp file with `O_EXCL` after unlinking a stale one).
 
 use crate::cpuset::{CpuFormat, CpuSet, exclude_text};
 use crate::root::{Root, paths};
@@ -51,7 +60,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -64,6 +73,26 @@ pub const FORMAT_VERSION: u32 = 2;
 /// How long a hook waits for another pvetune run on this node before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The kernel file families pvetune writes, host-absolute. The ledger is input, not truth:
+/// every path it names (a claim's key: the only path a record holds; pins name threads, not
+/// files) must be normalized and lie under one of these, or the whole ledger is refused as
+/// corrupt, since rollback would write the `original` it holds there as root. A tunable that
+/// writes a new family adds its prefix here (with a trailing `/`).
+pub const LEDGER_PATH_PREFIXES: &[&str] = &[
+    "/proc/sys/",                // sysctls
+    "/proc/irq/",                // IRQ affinities, default_smp_affinity
+    "/sys/devices/system/",      // cpufreq governors, CPU and node attributes
+    "/sys/fs/cgroup/",           // cpuset partitions
+    "/sys/kernel/mm/hugepages/", // hugepage pools
+    "/sys/bus/pci/",             // PCI reset, driver binding
+];
+/// How much of a refused path an error message shows.
+const SHOWN_PATH_MAX: usize = 160;
+
+/// Unknown fields of a ledger record, kept as read so that a rewrite by this version does not
+/// drop what a newer one recorded.
+pub type Extra = BTreeMap<String, serde_json::Value>;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub version: u32,
@@ -71,9 +100,29 @@ pub struct State {
     /// snapshot on disk (an empty ledger, or one of format 1 not rewritten yet).
     #[serde(default)]
     generation: u64,
+    #[serde(deserialize_with = "vms_by_id")]
     pub vms: BTreeMap<u32, VmRecord>,
     /// Host path -> claim.
     pub claims: BTreeMap<String, Claim>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The `vms` map: its keys are VMIDs as JSON strings. Read by hand because a struct with a
+/// flattened field buffers its input, and serde then no longer reads integer map keys from
+/// strings.
+fn vms_by_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, VmRecord>, D::Error> {
+    let by_text = BTreeMap::<String, VmRecord>::deserialize(d)?;
+    by_text
+        .into_iter()
+        .map(|(id, rec)| match id.parse::<u32>() {
+            Ok(vmid) if id.bytes().all(|b| b.is_ascii_digit()) => Ok((vmid, rec)),
+            _ => Err(serde::de::Error::custom(format!(
+                "VM id {:?} is not a number",
+                shown(&id)
+            ))),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +136,8 @@ pub struct VmRecord {
     /// The last phase that ran for this VM.
     pub phase: String,
     pub pins: Vec<PinRecord>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +147,8 @@ pub struct PinRecord {
     /// Affinity before pvetune first pinned the thread.
     pub old: CpuSet,
     pub new: CpuSet,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +160,8 @@ pub struct Claim {
     /// affinity): each holder's `value` is then the CPUs it takes out, not a value to write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compose: Option<Compose>,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// How a composed claim's value is made: the original CPU set minus every holder's CPUs, or
@@ -116,12 +171,16 @@ pub struct Compose {
     pub format: CpuFormat,
     /// The housekeeping CPUs as the latest claimer saw them.
     pub fallback: CpuSet,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub vmid: u32,
     pub value: String,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// One entry of the journal: sets one key of the ledger to an absolute value (`None`
@@ -157,6 +216,8 @@ struct SnapshotRef<'a> {
     generation: u64,
     vms: &'a BTreeMap<u32, VmRecord>,
     claims: &'a BTreeMap<String, Claim>,
+    #[serde(flatten)]
+    extra: &'a Extra,
 }
 
 /// One line of the journal, as read.
@@ -165,6 +226,45 @@ struct JournalEntry {
     v: u32,
     generation: u64,
     changes: Vec<Change>,
+}
+
+/// Why `path` may not be in the ledger, if it may not: it must be absolute and normalized
+/// (no empty, `.` or `..` component, no NUL) and lie under one of [`LEDGER_PATH_PREFIXES`].
+/// Linear in the path's length.
+pub fn path_refusal(path: &str) -> Option<&'static str> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Some("is not absolute");
+    };
+    if path.contains('\0') {
+        return Some("contains a NUL byte");
+    }
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Some("is not normalized (an empty, '.' or '..' component)");
+    }
+    if !LEDGER_PATH_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return Some("is not a kernel file pvetune writes");
+    }
+    None
+}
+
+/// A path (or any text from the ledger) as a message shows it: at most [`SHOWN_PATH_MAX`]
+/// characters, then `...`.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_PATH_MAX) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// The first path of `changes` that may not be in the ledger, with why.
+fn refused_change(changes: &[Change]) -> Option<(String, &'static str)> {
+    changes.iter().find_map(|c| match c {
+        Change::Claim { path, .. } => path_refusal(path).map(|why| (shown(path), why)),
+        Change::Pin { .. } | Change::Vm { .. } => None,
+    })
 }
 
 impl Claim {
@@ -326,10 +426,31 @@ pub enum StateError {
         source: serde_json::Error,
     },
     #[error(
+        "{file}: corrupt ledger (path {path:?} {reason}); it is kept as is: inspect it, undo by \
+         hand, then remove it"
+    )]
+    BadPath {
+        file: PathBuf,
+        path: String,
+        reason: &'static str,
+    },
+    #[error("refusing to record {path:?} in the ledger: it {reason}")]
+    Unrecordable { path: String, reason: &'static str },
+    #[error(
         "{path}: ledger format {found} is newer than this pvetune understands ({FORMAT_VERSION}); \
          run the pvetune that wrote it (or a newer one) to roll back"
     )]
     Version { path: PathBuf, found: u32 },
+    #[error(
+        "{path} is a symbolic link or not a regular file; pvetune never follows links in its \
+         run directory: remove it (and find out who put it there)"
+    )]
+    NotRegular { path: PathBuf },
+    #[error(
+        "{path}: refused as pvetune's run directory: {reason} (it must be a real directory, \
+         owned by root, mode 0700)"
+    )]
+    UnsafeDir { path: PathBuf, reason: String },
     #[error("another pvetune run held {path} for {}s; giving up", LOCK_TIMEOUT.as_secs())]
     LockTimeout { path: PathBuf },
 }
@@ -369,6 +490,11 @@ impl Store {
         }
     }
 
+    /// The run directory the ledger lives in (under the root prefix).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     pub fn stats(&self) -> StoreStats {
         self.stats.get()
     }
@@ -388,7 +514,10 @@ impl Store {
     pub fn load(&self) -> Result<State, StateError> {
         let path = self.dir.join(STATE_FILE);
         // A journal without a snapshot is left from emptying the ledger: nothing to replay.
-        let Some(text) = read_if_present(&path).map_err(self.io(path.clone()))? else {
+        if !self.check_dir()? {
+            return Ok(State::empty());
+        }
+        let Some(text) = self.read_if_present(&path)? else {
             return Ok(State::empty());
         };
         let mut state: State =
@@ -400,6 +529,17 @@ impl Store {
             return Err(StateError::Version {
                 path,
                 found: state.version,
+            });
+        }
+        if let Some((bad, reason)) = state
+            .claims
+            .keys()
+            .find_map(|p| path_refusal(p).map(|why| (shown(p), why)))
+        {
+            return Err(StateError::BadPath {
+                file: path,
+                path: bad,
+                reason,
             });
         }
         if state.version < FORMAT_VERSION {
@@ -419,7 +559,7 @@ impl Store {
     /// Applies the journal lines of the snapshot's generation, in order.
     fn replay(&self, state: &mut State) -> Result<(), StateError> {
         let path = self.dir.join(JOURNAL_FILE);
-        let Some(text) = read_if_present(&path).map_err(self.io(path.clone()))? else {
+        let Some(text) = self.read_if_present(&path)? else {
             return Ok(());
         };
         let (complete, torn) = match text.rfind('\n') {
@@ -448,6 +588,15 @@ impl Store {
                     found: entry.v,
                 });
             }
+            // Every line, of any generation: a line naming such a path was not written by
+            // pvetune.
+            if let Some((bad, reason)) = refused_change(&entry.changes) {
+                return Err(StateError::BadPath {
+                    file: path,
+                    path: bad,
+                    reason,
+                });
+            }
             if entry.generation == state.generation {
                 state.apply(&entry.changes);
                 replayed += 1;
@@ -469,6 +618,10 @@ impl Store {
     pub fn append(&self, state: &mut State, changes: &[Change]) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
+        }
+        // What the next load would refuse is never recorded (it would lock the node out).
+        if let Some((path, reason)) = refused_change(changes) {
+            return Err(StateError::Unrecordable { path, reason });
         }
         if state.generation == 0 {
             let mut next = state.clone();
@@ -519,14 +672,15 @@ impl Store {
             source: e,
         };
         self.ensure_dir()?;
-        let existed = path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+        let existed = fs::symlink_metadata(&path).is_ok();
+        let mut file = open_in_run_dir(
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .mode(0o600),
+            &path,
+        )?;
         if !existed {
             self.sync_dir()?;
         }
@@ -574,19 +728,20 @@ impl Store {
             generation,
             vms: &state.vms,
             claims: &state.claims,
+            extra: &state.extra,
         })
         .map_err(|source| StateError::Corrupt {
             path: path.clone(),
             source,
         })?;
         text.push('\n');
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(self.io(tmp.clone()))?;
+        // A temp file left by a crash is unlinked (a link there is removed, not followed), and
+        // the new one is created exclusively.
+        remove_if_present(&tmp).map_err(self.io(tmp.clone()))?;
+        let mut file = open_in_run_dir(
+            OpenOptions::new().write(true).create_new(true).mode(0o600),
+            &tmp,
+        )?;
         file.write_all(text.as_bytes())
             .map_err(self.io(tmp.clone()))?;
         file.sync_all().map_err(self.io(tmp.clone()))?;
@@ -603,24 +758,82 @@ impl Store {
     /// rewrite, so that the journal never outgrows a phase.
     pub fn compact(&self, state: &mut State) -> Result<(), StateError> {
         let journal = self.dir.join(JOURNAL_FILE);
-        if self.journal.borrow().is_some() || journal.exists() {
+        if self.journal.borrow().is_some() || fs::symlink_metadata(&journal).is_ok() {
             self.save(state)?;
         }
         Ok(())
     }
 
     fn sync_dir(&self) -> Result<(), StateError> {
-        File::open(&self.dir)
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+            .open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(self.io(self.dir.clone()))
     }
 
+    /// Whether the run directory exists, after checking that it is one pvetune may trust: a
+    /// real directory (not a link), owned by root (or by this process's user, for fixture
+    /// roots), mode 0700. Anything else is refused: whoever can write there could make
+    /// pvetune read a ledger of their making, or write through a link.
+    fn check_dir(&self) -> Result<bool, StateError> {
+        let meta = match fs::symlink_metadata(&self.dir) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(self.io(self.dir.clone())(e)),
+        };
+        let unsafe_dir = |reason: String| StateError::UnsafeDir {
+            path: self.dir.clone(),
+            reason,
+        };
+        if meta.file_type().is_symlink() {
+            return Err(unsafe_dir("it is a symbolic link".into()));
+        }
+        if !meta.is_dir() {
+            return Err(unsafe_dir("it is not a directory".into()));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(unsafe_dir(format!("it is owned by uid {}", meta.uid())));
+        }
+        if meta.mode() & 0o7777 != 0o700 {
+            return Err(unsafe_dir(format!(
+                "its mode is {:04o}",
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(true)
+    }
+
     fn ensure_dir(&self) -> Result<(), StateError> {
+        if self.check_dir()? {
+            return Ok(());
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .map_err(self.io(self.dir.clone()))
+            .map_err(self.io(self.dir.clone()))?;
+        // Just created (by this run, or a concurrent one): 0700 whatever the umask took away.
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .map_err(self.io(self.dir.clone()))?;
+        self.check_dir().map(|_| ())
+    }
+
+    /// A ledger file's text (None: absent), never read through a link.
+    fn read_if_present(&self, path: &std::path::Path) -> Result<Option<String>, StateError> {
+        let mut file = match open_in_run_dir(OpenOptions::new().read(true), path) {
+            Ok(file) => file,
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(self.io(path.to_path_buf()))?;
+        Ok(Some(text))
     }
 
     /// Serializes pvetune runs on this node (qemu-server runs hooks of different VMs in
@@ -631,13 +844,14 @@ impl Store {
         let path = self.dir.join(LOCK_FILE);
         let deadline = Instant::now() + LOCK_TIMEOUT;
         loop {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(self.io(path.clone()))?;
+            let file = open_in_run_dir(
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600),
+                &path,
+            )?;
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok(NodeLock { _lock: lock }),
                 Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
@@ -652,12 +866,31 @@ impl Store {
     }
 }
 
-fn read_if_present(path: &std::path::Path) -> std::io::Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+/// Opens a file of the run directory without following a link there (`O_NOFOLLOW`: a link
+/// fails with ELOOP) and without blocking on a FIFO (`O_NONBLOCK`, no effect on a regular
+/// file), and refuses anything but a regular file.
+fn open_in_run_dir(opts: &mut OpenOptions, path: &std::path::Path) -> Result<File, StateError> {
+    let not_regular = || StateError::NotRegular {
+        path: path.to_path_buf(),
+    };
+    let file = opts
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(nix::libc::ELOOP) => not_regular(),
+            _ => StateError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(not_regular());
     }
+    Ok(file)
 }
 
 fn remove_if_present(path: &std::path::Path) -> std::io::Result<()> {
@@ -691,15 +924,18 @@ mod tests {
             original: "1\n".into(),
             holders: vec![],
             compose: None,
+            extra: Extra::new(),
         };
         assert_eq!(claim.effective(), "1\n");
         claim.holders.push(Holder {
             vmid: 100,
             value: "120".into(),
+            extra: Extra::new(),
         });
         claim.holders.push(Holder {
             vmid: 101,
             value: "60".into(),
+            extra: Extra::new(),
         });
         assert_eq!(claim.effective(), "60");
     }
@@ -709,6 +945,7 @@ mod tests {
         let holder = |vmid, cpus: &str| Holder {
             vmid,
             value: cpus.into(),
+            extra: Extra::new(),
         };
         let claim = |original: &str| Claim {
             original: original.into(),
@@ -716,7 +953,9 @@ mod tests {
             compose: Some(Compose {
                 format: CpuFormat::List,
                 fallback: "0-1".parse().unwrap(),
+                extra: Extra::new(),
             }),
+            extra: Extra::new(),
         };
         let mut irq = claim("0-7\n");
         irq.holders.push(holder(100, "4-5"));
@@ -757,13 +996,23 @@ mod tests {
         fn file(&self, name: &str) -> PathBuf {
             self.0.join("run/pvetune").join(name)
         }
+        /// `/run/pvetune` as pvetune creates it: mode 0700.
+        fn make_run_dir(&self) {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(self.file(""))
+                .unwrap();
+        }
         /// A ledger with a snapshot (VM 100's record) and one journal line (a claim on `/a`).
         fn with_journal(name: &str) -> (Dir, Store, State) {
             let dir = Dir::new(name);
             let store = dir.store();
             let mut state = store.load().unwrap();
             store.append(&mut state, &[vm_record()]).unwrap();
-            store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+            store
+                .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+                .unwrap();
             (dir, store, state)
         }
     }
@@ -782,8 +1031,10 @@ mod tests {
                 holders: vec![Holder {
                     vmid,
                     value: value.into(),
+                    extra: Extra::new(),
                 }],
                 compose: None,
+                extra: Extra::new(),
             }),
         }
     }
@@ -797,6 +1048,7 @@ mod tests {
                 label: format!("t{tid}"),
                 old: CpuSet::range(0, 1),
                 new: CpuSet::range(cpu, cpu),
+                extra: Extra::new(),
             }),
         }
     }
@@ -826,7 +1078,9 @@ mod tests {
         store.save(&mut state).unwrap();
         assert_eq!(state.generation, 1);
         assert_eq!(store.load().unwrap(), state);
-        store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+        store
+            .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+            .unwrap();
         assert!(dir.file(JOURNAL_FILE).exists());
         store.save(&mut State::empty()).unwrap();
         assert!(!dir.file(STATE_FILE).exists());
@@ -917,7 +1171,9 @@ mod tests {
         let later = dir.store();
         let mut state = later.load().unwrap();
         assert_eq!(state, before);
-        later.append(&mut state, &[claim("/b", 100, "3")]).unwrap();
+        later
+            .append(&mut state, &[claim("/proc/sys/pvetune/b", 100, "3")])
+            .unwrap();
         let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
         assert_eq!(dir.store().load().unwrap(), state);
@@ -934,7 +1190,7 @@ mod tests {
             .append(
                 &mut state,
                 &[Change::Claim {
-                    path: "/a".into(),
+                    path: "/proc/sys/pvetune/a".into(),
                     claim: None,
                 }],
             )
@@ -966,7 +1222,7 @@ mod tests {
     #[test]
     fn format_1_loads_and_is_rewritten_as_format_2() {
         let dir = Dir::new("v1");
-        fs::create_dir_all(dir.file("")).unwrap();
+        dir.make_run_dir();
         fs::write(
             dir.file(STATE_FILE),
             r#"{"version":1,"vms":{"100":{"cpus":"4-7","pid":null,"start_time":null,"phase":"pre-start","pins":[]}},
@@ -980,7 +1236,9 @@ mod tests {
             state.claims["/proc/sys/vm/stat_interval"].effective(),
             "120"
         );
-        store.append(&mut state, &[claim("/a", 100, "2")]).unwrap();
+        store
+            .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+            .unwrap();
         let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
         assert!(text.contains("\"version\": 2"), "{text}");
         assert_eq!(dir.store().load().unwrap(), state);
@@ -1020,5 +1278,238 @@ mod tests {
             err.contains("state.journal: ledger format 3 is newer"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ledger_paths_must_be_kernel_files_pvetune_writes() {
+        for good in [
+            "/proc/sys/vm/stat_interval",
+            "/proc/irq/35/smp_affinity_list",
+            "/sys/devices/system/cpu/cpufreq/policy4/scaling_governor",
+            "/sys/fs/cgroup/pvetune.slice/cpuset.cpus.partition",
+            "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
+            "/sys/bus/pci/devices/0000:01:00.0/reset",
+        ] {
+            assert_eq!(path_refusal(good), None, "{good}");
+        }
+        for bad in [
+            "/etc/shadow",
+            "proc/sys/vm/stat_interval",
+            "/proc/sys/../../etc/shadow",
+            "/proc/sys/./vm/stat_interval",
+            "/proc/sys//vm/stat_interval",
+            "/proc/sys/vm/",
+            "/proc/sys/",
+            "/proc/sysrq-trigger",
+            "/proc/sys/vm\0/x",
+            "",
+        ] {
+            assert!(path_refusal(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_ledger_naming_another_path_is_refused_whole() {
+        let (dir, store, _) = Dir::with_journal("bad-path");
+        let snapshot = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        let journal = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
+        // In the snapshot.
+        let mut bad: serde_json::Value = serde_json::from_str(&snapshot).unwrap();
+        bad["claims"]["/etc/shadow"] = serde_json::json!({"original": "x", "holders": []});
+        fs::write(dir.file(STATE_FILE), bad.to_string()).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.json: corrupt ledger (path \"/etc/shadow\" is not a kernel file"),
+            "{err}"
+        );
+        // In a journal line; the path shown is bounded.
+        fs::write(dir.file(STATE_FILE), &snapshot).unwrap();
+        let long = format!("/proc/sys/{}/../../../etc/shadow", "x".repeat(5000));
+        let line = journal.replace("/proc/sys/pvetune/a", &long);
+        fs::write(dir.file(JOURNAL_FILE), format!("{journal}{line}")).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.journal: corrupt ledger (path \"/proc/sys/xxx")
+                && err.contains("...\" is not normalized"),
+            "{err}"
+        );
+        assert!(err.len() < 400, "{} bytes: {err}", err.len());
+        fs::write(
+            dir.file(JOURNAL_FILE),
+            format!(
+                "{journal}{}",
+                line.replace("\"generation\":1", "\"generation\":0")
+            ),
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("is not normalized"),
+            "a line of another generation: {err}"
+        );
+        // Nor is such a path ever recorded.
+        fs::write(dir.file(JOURNAL_FILE), &journal).unwrap();
+        let mut state = store.load().unwrap();
+        let err = store
+            .append(&mut state, &[claim_on("/etc/shadow")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refusing to record \"/etc/shadow\""), "{err}");
+        assert_eq!(fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap(), journal);
+    }
+
+    fn claim_on(path: &str) -> Change {
+        claim(path, 100, "2")
+    }
+
+    #[test]
+    fn fields_this_version_does_not_know_survive_a_change_and_compaction() {
+        let dir = Dir::new("extra");
+        dir.make_run_dir();
+        fs::write(
+            dir.file(STATE_FILE),
+            r#"{"version":2,"generation":4,"future":{"a":[1,2]},
+               "vms":{"100":{"cpus":"4-7","pid":null,"start_time":null,"phase":"pre-start",
+                             "cgroup":"/qemu.slice/100.scope",
+                             "pins":[{"tid":7,"label":"CPU 0","old":"0-7","new":"4","prio":5}]}},
+               "claims":{"/proc/irq/9/smp_affinity_list":{"original":"0-7\n",
+                   "holders":[{"vmid":100,"value":"4-7","since":"boot"}],
+                   "compose":{"format":"list","fallback":"0-3","numa":1},
+                   "kind":"irq"}}}"#,
+        )
+        .unwrap();
+        let store = dir.store();
+        let mut state = store.load().unwrap();
+        store
+            .append(
+                &mut state,
+                &[claim("/proc/sys/vm/stat_interval", 100, "120")],
+            )
+            .unwrap();
+        store.compact(&mut state).unwrap();
+        let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["generation"], 5, "{text}");
+        assert_eq!(json["future"], serde_json::json!({"a": [1, 2]}), "{text}");
+        let vm = &json["vms"]["100"];
+        assert_eq!(vm["cgroup"], "/qemu.slice/100.scope", "{text}");
+        assert_eq!(vm["pins"][0]["prio"], 5, "{text}");
+        let irq = &json["claims"]["/proc/irq/9/smp_affinity_list"];
+        assert_eq!(irq["kind"], "irq", "{text}");
+        assert_eq!(irq["holders"][0]["since"], "boot", "{text}");
+        assert_eq!(irq["compose"]["numa"], 1, "{text}");
+        assert_eq!(
+            json["claims"]["/proc/sys/vm/stat_interval"]["holders"][0]["value"],
+            "120"
+        );
+        assert_eq!(dir.store().load().unwrap(), state);
+    }
+
+    /// A file outside the run directory holding `text`, and a link to it planted as `name`.
+    fn plant(dir: &Dir, name: &str, text: &str) -> PathBuf {
+        let outside = dir.0.join(format!("outside-{name}"));
+        fs::write(&outside, text).unwrap();
+        let _ = fs::remove_file(dir.file(name));
+        std::os::unix::fs::symlink(&outside, dir.file(name)).unwrap();
+        outside
+    }
+
+    #[test]
+    fn a_link_planted_as_the_snapshot_is_not_followed() {
+        // A link to a file that would even read as a valid ledger.
+        let (dir, _, _) = Dir::with_journal("link-snapshot");
+        let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
+        let outside = plant(&dir, STATE_FILE, &text);
+        let err = dir.store().load().unwrap_err().to_string();
+        assert!(
+            err.contains("state.json is a symbolic link or not a regular file"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&outside).unwrap(), text);
+    }
+
+    #[test]
+    fn a_link_planted_as_the_journal_is_neither_replayed_nor_appended_to() {
+        let (dir, _, mut state) = Dir::with_journal("link-journal");
+        let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
+        let outside = plant(&dir, JOURNAL_FILE, &text);
+        let err = dir.store().load().unwrap_err().to_string();
+        assert!(err.contains("state.journal is a symbolic link"), "{err}");
+        let err = dir
+            .store()
+            .append(&mut state, &[claim_on("/proc/sys/pvetune/b")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("state.journal is a symbolic link"), "{err}");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), text);
+    }
+
+    #[test]
+    fn a_link_planted_as_the_temp_file_is_removed_not_followed() {
+        // As a temp file a crash left: removed, the link not followed, the snapshot written.
+        let (dir, store, mut state) = Dir::with_journal("link-temp");
+        let outside = plant(&dir, &format!("{STATE_FILE}.tmp"), "precious\n");
+        store.compact(&mut state).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
+        assert!(fs::symlink_metadata(dir.file(&format!("{STATE_FILE}.tmp"))).is_err());
+        assert!(
+            fs::symlink_metadata(dir.file(STATE_FILE))
+                .unwrap()
+                .is_file()
+        );
+        assert_eq!(dir.store().load().unwrap(), state);
+    }
+
+    #[test]
+    fn a_link_planted_as_the_lock_file_is_not_followed() {
+        let dir = Dir::new("link-lock");
+        dir.make_run_dir();
+        let outside = plant(&dir, LOCK_FILE, "precious\n");
+        let err = dir.store().lock().err().unwrap().to_string();
+        assert!(
+            err.contains("run/pvetune/lock is a symbolic link or not a regular file"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn a_run_directory_others_could_write_or_a_link_is_refused() {
+        let (dir, store, _) = Dir::with_journal("dir-mode");
+        let run = dir.0.join("run/pvetune");
+        assert_eq!(
+            fs::metadata(&run).unwrap().mode() & 0o7777,
+            0o700,
+            "created 0700"
+        );
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+        for err in [
+            store.load().unwrap_err().to_string(),
+            store.lock().err().unwrap().to_string(),
+        ] {
+            assert!(
+                err.contains("refused as pvetune's run directory: its mode is 0755"),
+                "{err}"
+            );
+        }
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            nix::unistd::chown(&run, nobody, None).unwrap();
+            let err = store.load().unwrap_err().to_string();
+            assert!(err.contains("it is owned by uid 65534"), "{err}");
+            nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        }
+        assert!(store.load().is_ok());
+
+        // A link to a directory that would pass every other check.
+        let real = dir.0.join("elsewhere");
+        fs::rename(&run, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &run).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("it is a symbolic link"), "{err}");
+        let err = store.lock().err().unwrap().to_string();
+        assert!(err.contains("it is a symbolic link"), "{err}");
+        assert!(!real.join(LOCK_FILE).exists());
     }
 }
