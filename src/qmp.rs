@@ -415,7 +415,8 @@ mod tests {
     /// A fake QEMU: sends `greeting`, then answers each request line with the next scripted
     /// reply (several lines each).
     fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> (PathBuf, TempDir) {
-        let dir = std::env::temp_dir().join(format!("pvetune-qmp-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("pvetune-test-qmp-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.qmp");
@@ -482,7 +483,7 @@ mod tests {
 
     #[test]
     fn missing_socket_is_a_connect_error_after_retries() {
-        let path = std::env::temp_dir().join("pvetune-qmp-does-not-exist.qmp");
+        let path = std::env::temp_dir().join("pvetune-test-qmp-does-not-exist.qmp");
         let start = Instant::now();
         let err = Qmp::connect_with(&path, Duration::from_millis(200), SESSION_DEADLINE).err();
         assert!(matches!(err, Some(QmpError::Connect { .. })), "{err:?}");
@@ -512,7 +513,8 @@ mod tests {
     /// A peer that dribbles bytes of a `qmp_capabilities` reply that never ends (one byte every
     /// 300 ms, each read gets one within any per-read timeout) and then closes after `bytes`.
     fn dribbler(name: &str, greeting: &'static str, bytes: usize) -> (PathBuf, TempDir) {
-        let dir = std::env::temp_dir().join(format!("pvetune-qmp-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("pvetune-test-qmp-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.qmp");
