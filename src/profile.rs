@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -174,12 +175,26 @@ pub fn locate(root: &Root, vmid: u32, explicit: Option<&Path>) -> Option<PathBuf
 /// Reads, checks ownership of, parses and validates a profile file.
 pub fn load(path: &Path) -> Result<Profile, ProfileError> {
     let real = check_owner(path)?;
-    let text = std::fs::read_to_string(&real).map_err(|source| ProfileError::Read {
+    let read_error = |source| ProfileError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    std::fs::File::open(&real)
+        .and_then(|file| file.take(MAX_PROFILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_PROFILE_BYTES {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 1 MiB, not a profile",
+        )));
+    }
     parse(path, &text)
 }
+
+/// The largest profile pvetune reads (a real one is a few hundred bytes): memory and parse
+/// time stay bounded whatever file the path names.
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
 
 /// The most symlinks [`check_owner`] follows (the kernel's limit, `MAXSYMLINKS`).
 const MAX_SYMLINKS: u32 = 40;

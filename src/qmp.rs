@@ -412,15 +412,21 @@ mod tests {
         }
     }
 
-    /// A fake QEMU: sends `greeting`, then answers each request line with the next scripted
-    /// reply (several lines each).
-    fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> (PathBuf, TempDir) {
+    /// A listening socket `vm.qmp` in a fresh temp dir of its own.
+    fn listen(name: &str) -> (UnixListener, PathBuf, TempDir) {
         let dir =
             std::env::temp_dir().join(format!("pvetune-test-qmp-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.qmp");
         let listener = UnixListener::bind(&path).unwrap();
+        (listener, path, TempDir(dir))
+    }
+
+    /// A fake QEMU: sends `greeting`, then answers each request line with the next scripted
+    /// reply (several lines each).
+    fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> (PathBuf, TempDir) {
+        let (listener, path, dir) = listen(name);
         std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let mut writer = stream.try_clone().unwrap();
@@ -436,7 +442,7 @@ mod tests {
             // Hold the connection open until the client leaves.
             let _ = reader.read_to_end(&mut Vec::new());
         });
-        (path, TempDir(dir))
+        (path, dir)
     }
 
     #[test]
@@ -513,12 +519,7 @@ mod tests {
     /// A peer that dribbles bytes of a `qmp_capabilities` reply that never ends (one byte every
     /// 300 ms, each read gets one within any per-read timeout) and then closes after `bytes`.
     fn dribbler(name: &str, greeting: &'static str, bytes: usize) -> (PathBuf, TempDir) {
-        let dir =
-            std::env::temp_dir().join(format!("pvetune-test-qmp-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vm.qmp");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (listener, path, dir) = listen(name);
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
             if stream.write_all(greeting.as_bytes()).is_err() {
@@ -532,7 +533,7 @@ mod tests {
                 }
             }
         });
-        (path, TempDir(dir))
+        (path, dir)
     }
 
     #[test]

@@ -132,3 +132,20 @@ fn huge_cpulists_are_refused_in_bounded_time_with_a_short_message() {
         CpuSet::range(3, 130)
     );
 }
+
+#[test]
+fn a_10_mb_profile_is_refused_with_a_short_message() {
+    let dir = TempDir::new("bounded-profile");
+    let path = dir.path().join("100.yaml");
+    std::fs::write(
+        &path,
+        format!("cpus: 4-7\n{}", repeat_to("# comment\n", TEN_MB)),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let err = pvetune::profile::load(&path).unwrap_err();
+    assert!(start.elapsed() < GENEROUS, "{:?}", start.elapsed());
+    let message = err.to_string();
+    assert!(message.len() < SHORT_MESSAGE, "{} bytes", message.len());
+    assert!(message.contains("larger than 1 MiB"), "{message}");
+}
