@@ -222,10 +222,12 @@ const PMXCFS_GROUP: &str = "www-data";
 /// **Sticky world-writable directories (`/tmp`).** The sticky bit stops others from deleting or
 /// renaming what they do not own, not from creating new names: anyone can pre-create
 /// `/tmp/100.yaml`, or a symlink there, before root writes it. So such a directory is accepted
-/// on the path only when the entry of the path inside it is a directory owned by root (uid 0,
-/// which nobody else can rename or replace, whatever the invoking user): `/tmp/<root-owned
-/// dir>/.../100.yaml` passes, `/tmp/100.yaml` and `/tmp/link -> ...` are refused, as is a
-/// group-writable or world-writable directory without the sticky bit anywhere on the path.
+/// on the path only when the entry of the path inside it is a directory owned by root (which
+/// nobody else can rename or replace there): `/tmp/<root-owned dir>/.../100.yaml` passes,
+/// `/tmp/100.yaml` and `/tmp/link -> ...` are refused, as is a group-writable or
+/// world-writable directory without the sticky bit anywhere on the path. For fixture trees a
+/// directory of the invoking euid counts as root's (the sticky bit protects it from others just
+/// the same; when pvetune runs as root, as a hook does, that is root alone).
 fn check_owner(path: &Path) -> Result<PathBuf, ProfileError> {
     let refuse = |reason: String| ProfileError::Unsafe {
         path: path.to_path_buf(),
@@ -266,7 +268,8 @@ fn check_owner(path: &Path) -> Result<PathBuf, ProfileError> {
         owned(dir, &meta, "directory")?;
         let mode = meta.mode() & 0o7777;
         if mode & 0o022 != 0 {
-            let sticky_over_root_dir = mode & 0o1000 != 0 && below.is_dir() && below.uid() == 0;
+            let sticky_over_root_dir =
+                mode & 0o1000 != 0 && below.is_dir() && (below.uid() == 0 || below.uid() == me);
             if !sticky_over_root_dir {
                 return Err(refuse(format!(
                     "directory {} is writable by group or others (mode {mode:o}){}",
