@@ -13,8 +13,13 @@ use pvetune::profile::{ProfileError, load};
 const NOBODY: u32 = 65534;
 const PROFILE: &str = "cpus: 4-7\n";
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// A temp dir for a test that chowns to another uid, or `None` (skipped) when not root.
+fn as_root(tag: &str) -> Option<TempDir> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to chown");
+        return None;
+    }
+    Some(TempDir::new(tag))
 }
 
 fn mode(path: &Path, mode: u32) {
@@ -89,11 +94,9 @@ fn a_symlink_to_a_profile_in_a_world_writable_dir_is_refused() {
 
 #[test]
 fn a_symlink_from_a_safe_dir_to_an_unsafe_target_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root to chown");
+    let Some(t) = as_root("chain-target-owner") else {
         return;
-    }
-    let t = TempDir::new("chain-target-owner");
+    };
     let target = profile(dir(t.path().join("elsewhere")).join("p.yaml"));
     chown(&target, Some(NOBODY), None).unwrap();
     let link = dir(t.path().join("safe")).join("100.yaml");
@@ -128,11 +131,9 @@ fn a_symlink_in_an_unsafe_dir_is_refused_even_to_a_safe_target() {
 
 #[test]
 fn sticky_world_writable_dirs_pass_only_over_a_root_owned_dir() {
-    if !is_root() {
-        eprintln!("skipped: needs root to chown");
+    let Some(t) = as_root("chain-sticky") else {
         return;
-    }
-    let t = TempDir::new("chain-sticky");
+    };
     let sticky = dir(t.path().join("tmp"));
     mode(&sticky, 0o1777);
     // Directly in the sticky dir: anyone could have created that name first.
@@ -149,11 +150,9 @@ fn sticky_world_writable_dirs_pass_only_over_a_root_owned_dir() {
 
 #[test]
 fn a_foreign_group_is_refused_outside_pmxcfs() {
-    if !is_root() {
-        eprintln!("skipped: needs root to chown");
+    let Some(t) = as_root("chain-group") else {
         return;
-    }
-    let t = TempDir::new("chain-group");
+    };
     let file = profile(dir(t.path().join("etc/pve/pvetune")).join("100.yaml"));
     // www-data is pmxcfs's group, but only on /etc/pve itself, not in a tree that looks like it.
     chown(&file, None, Some(33)).unwrap();
