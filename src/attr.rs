@@ -40,14 +40,31 @@ pub fn read(path: &Path) -> io::Result<String> {
 mod tests {
     use super::*;
 
-    fn temp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("pvetune-attr-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    /// A test's own temp dir, removed on drop (also when the test panics).
+    struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        fn new(test: &str) -> Dir {
+            let dir = std::env::temp_dir()
+                .join(format!("pvetune-test-attr-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+
+        fn join(&self, name: &str) -> std::path::PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn reads_short_page_sized_and_long_files_whole() {
+        let dir = Dir::new("lengths");
         for len in [
             0,
             1,
@@ -56,7 +73,7 @@ mod tests {
             FIRST_READ + 1,
             3 * FIRST_READ + 7,
         ] {
-            let path = temp(&format!("len{len}"));
+            let path = dir.join(&format!("len{len}"));
             let text: String = (0..len)
                 .map(|i| char::from(b'a' + (i % 26) as u8))
                 .collect();
@@ -84,9 +101,10 @@ mod tests {
 
     #[test]
     fn keeps_the_error_kinds() {
-        let missing = temp("missing");
+        let dir = Dir::new("errors");
+        let missing = dir.join("missing");
         assert_eq!(read(&missing).unwrap_err().kind(), io::ErrorKind::NotFound);
-        let binary = temp("binary");
+        let binary = dir.join("binary");
         std::fs::write(&binary, [0xff, 0xfe]).unwrap();
         assert_eq!(
             read(&binary).unwrap_err().kind(),

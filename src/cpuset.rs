@@ -7,9 +7,22 @@
 
 use std::fmt;
 
+use crate::excerpt::excerpt;
+
 /// The widest bitmap pvetune parses when nothing narrower is known (the kernel's
 /// `CONFIG_NR_CPUS` maximum on x86_64).
 pub const MAX_CPUS: u32 = 8192;
+
+/// The widest bitmap pvetune ever parses, whatever width a caller asks for (a fixture's
+/// `kernel_max`): twice the largest `CONFIG_NR_CPUS` (8192) of any kernel Proxmox runs. It
+/// bounds the memory of a set (2 KiB) and the work of one region.
+pub const NBITS_LIMIT: u32 = 2 * MAX_CPUS;
+
+/// The longest cpulist pvetune parses. The kernel prints at most about 40 KB for 8192 CPUs
+/// (`0,2,4,...,8190`) and accepts at most a page per write, so anything longer is refused
+/// before parsing: work and memory stay bounded for any input (a 10 MB value is refused at
+/// once).
+pub const MAX_LIST_BYTES: usize = 64 * 1024;
 
 /// A set of CPU numbers, stored as a bitmap with no trailing zero words (so `==` is set equality).
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
@@ -44,14 +57,22 @@ impl CpuSet {
 
     /// Parses a cpulist as `bitmap_parselist()` does for a bitmap of `nbits` bits: `0-5,12-17`,
     /// `0-31:1/4` (used/group), `N` (the last CPU), `all`; regions split by commas or whitespace.
+    ///
+    /// `nbits` is capped at [`NBITS_LIMIT`] and the text (up to its first newline) at
+    /// [`MAX_LIST_BYTES`], so time and memory are bounded whatever the input; errors quote at
+    /// most [`excerpt`]'s share of it.
     pub fn parse_list(input: &str, nbits: u32) -> Result<Self, CpuListError> {
+        let nbits = nbits.min(NBITS_LIMIT);
         let invalid = |reason| CpuListError::Invalid {
-            input: input.to_string(),
+            input: excerpt(input),
             reason,
         };
         let mut set = CpuSet::new();
         // The kernel stops at the first newline.
         let text = input.split('\n').next().unwrap_or("");
+        if text.len() > MAX_LIST_BYTES {
+            return Err(invalid("longer than 64 KiB, more than any list of CPUs"));
+        }
         for region in text
             .split(|c: char| c == ',' || c.is_ascii_whitespace())
             .filter(|r| !r.is_empty())
@@ -94,7 +115,7 @@ impl CpuSet {
             }
             if end >= nbits {
                 return Err(CpuListError::Range {
-                    input: input.to_string(),
+                    input: excerpt(input),
                     cpu: end,
                     limit: nbits,
                 });
@@ -102,9 +123,7 @@ impl CpuSet {
             let mut base = start;
             while base <= end {
                 let top = base.saturating_add(used).min(end.saturating_add(1));
-                for cpu in base..top {
-                    set.insert(cpu);
-                }
+                set.insert_range(base, top);
                 match base.checked_add(size) {
                     Some(next) => base = next,
                     None => break,
@@ -119,7 +138,7 @@ impl CpuSet {
     pub fn parse_mask(input: &str, nbits: u32) -> Result<Self, CpuListError> {
         let text = input.split('\n').next().unwrap_or("");
         let overflow = |reason| CpuListError::Overflow {
-            input: input.to_string(),
+            input: excerpt(input),
             reason,
         };
         let words: Vec<&str> = text
@@ -136,7 +155,7 @@ impl CpuSet {
                 return Err(overflow("a word longer than 8 hex digits"));
             }
             let value = u32::from_str_radix(word, 16).map_err(|_| CpuListError::Invalid {
-                input: input.to_string(),
+                input: excerpt(input),
                 reason: "not a hex digit",
             })?;
             for bit in 0..32 {
@@ -184,6 +203,26 @@ impl CpuSet {
             self.words.resize(word + 1, 0);
         }
         self.words[word] |= 1 << bit;
+    }
+
+    /// Inserts `first..end` (end excluded) a word at a time: a range costs its length / 64.
+    pub fn insert_range(&mut self, first: u32, end: u32) {
+        if first >= end {
+            return;
+        }
+        let last = end - 1;
+        let (lo, hi) = ((first / 64) as usize, (last / 64) as usize);
+        if self.words.len() <= hi {
+            self.words.resize(hi + 1, 0);
+        }
+        for (index, word) in self.words[lo..=hi].iter_mut().enumerate() {
+            let index = lo + index;
+            let from = if index == lo { first % 64 } else { 0 };
+            let to = if index == hi { last % 64 } else { 63 };
+            // Bits from..=to set.
+            let mask = (u64::MAX >> (63 - to)) & (u64::MAX << from);
+            *word |= mask;
+        }
     }
 
     pub fn remove(&mut self, cpu: u32) {
@@ -270,18 +309,18 @@ impl CpuSet {
 fn parse_num(text: &str, last: Option<u32>, input: &str) -> Result<u32, CpuListError> {
     if text == "N" {
         return last.ok_or_else(|| CpuListError::Invalid {
-            input: input.to_string(),
+            input: excerpt(input),
             reason: "'N' in an empty bitmap",
         });
     }
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(CpuListError::Invalid {
-            input: input.to_string(),
+            input: excerpt(input),
             reason: "expected a CPU number",
         });
     }
     text.parse::<u32>().map_err(|_| CpuListError::Overflow {
-        input: input.to_string(),
+        input: excerpt(input),
         reason: "a number that does not fit in 32 bits",
     })
 }

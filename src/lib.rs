@@ -10,6 +10,7 @@ pub mod attr;
 pub mod cli;
 pub mod cpuset;
 pub mod error;
+pub mod excerpt;
 pub mod exec;
 pub mod facts;
 pub mod hook;

@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -78,7 +79,8 @@ pub enum ProfileError {
         source: std::io::Error,
     },
     #[error(
-        "{path}: refused: {reason} (a profile must be owned by root and writable by root only)"
+        "{path}: refused: {reason} (a profile, and every directory and symlink on its path, \
+         must be owned by root and writable by root only)"
     )]
     Unsafe { path: PathBuf, reason: String },
     #[error("{path}:{line}:{column}: {message}")]
@@ -172,45 +174,183 @@ pub fn locate(root: &Root, vmid: u32, explicit: Option<&Path>) -> Option<PathBuf
 
 /// Reads, checks ownership of, parses and validates a profile file.
 pub fn load(path: &Path) -> Result<Profile, ProfileError> {
-    check_owner(path)?;
-    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+    let real = check_owner(path)?;
+    let read_error = |source| ProfileError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    std::fs::File::open(&real)
+        .and_then(|file| file.take(MAX_PROFILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_PROFILE_BYTES {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 1 MiB, not a profile",
+        )));
+    }
     parse(path, &text)
 }
 
-/// Refuses a profile that a user other than root (or the invoking user, for fixture trees)
-/// could have written: pvetune runs it as root.
-fn check_owner(path: &Path) -> Result<(), ProfileError> {
-    let unsafe_ = |reason: String| ProfileError::Unsafe {
+/// The largest profile pvetune reads (a real one is a few hundred bytes): memory and parse
+/// time stay bounded whatever file the path names.
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+
+/// The most symlinks [`check_owner`] follows (the kernel's limit, `MAXSYMLINKS`).
+const MAX_SYMLINKS: u32 = 40;
+
+/// pmxcfs, the cluster file system Proxmox mounts on `/etc/pve`, shows every entry as owned by
+/// root with group `www-data` (files 0640, directories 0755; it refuses chmod and chown).
+const PMXCFS_MOUNT: &str = "/etc/pve";
+const PMXCFS_GROUP: &str = "www-data";
+
+/// Refuses a profile that anyone but root (or the invoking user, for fixture trees) could have
+/// written or swapped: pvetune runs it as root. Returns the profile's real path.
+///
+/// The path is resolved one component at a time, as the kernel does, and every entry it passes
+/// through is checked: each directory (from `/`), each symlink followed (the directory that
+/// holds a symlink can redirect it, so a safe directory linking to an unsafe target, or an
+/// unsafe directory linking to a safe one, is refused), and the file itself. Each must be
+///
+/// - owned by root or the invoking euid;
+/// - not writable by group or others;
+/// - of group root or the invoking egid, with one exception: entries under pmxcfs's mount
+///   `/etc/pve` (the real path) may have group `www-data`, which is how pmxcfs shows every
+///   entry; the write bits are checked there as everywhere, and nowhere else is `www-data`
+///   (or any other group) accepted.
+///
+/// **Sticky world-writable directories (`/tmp`).** The sticky bit stops others from deleting or
+/// renaming what they do not own, not from creating new names: anyone can pre-create
+/// `/tmp/100.yaml`, or a symlink there, before root writes it. So such a directory is accepted
+/// on the path only when the entry of the path inside it is a directory owned by root (which
+/// nobody else can rename or replace there): `/tmp/<root-owned dir>/.../100.yaml` passes,
+/// `/tmp/100.yaml` and `/tmp/link -> ...` are refused, as is a group-writable or
+/// world-writable directory without the sticky bit anywhere on the path. For fixture trees a
+/// directory of the invoking euid counts as root's (the sticky bit protects it from others just
+/// the same; when pvetune runs as root, as a hook does, that is root alone).
+fn check_owner(path: &Path) -> Result<PathBuf, ProfileError> {
+    let refuse = |reason: String| ProfileError::Unsafe {
         path: path.to_path_buf(),
         reason,
     };
-    let meta = std::fs::metadata(path).map_err(|source| ProfileError::Read {
+    let read_error = |source| ProfileError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
     let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(unsafe_(format!("owned by uid {}", meta.uid())));
-    }
-    // pmxcfs files are root:www-data 0640: group-readable is fine, group-writable is not.
-    if meta.mode() & 0o022 != 0 {
-        return Err(unsafe_(format!(
-            "mode {:o} is writable by group or others",
-            meta.mode() & 0o7777
-        )));
-    }
-    if let Some(dir) = path.parent().and_then(|d| std::fs::metadata(d).ok()) {
-        let world_writable = dir.mode() & 0o002 != 0 && dir.mode() & 0o1000 == 0;
-        if world_writable || (dir.uid() != 0 && dir.uid() != me) {
-            return Err(unsafe_(
-                "its directory can be written by another user".to_string(),
-            ));
+    let my_gid = nix::unistd::getegid().as_raw();
+    let pmxcfs_gid = nix::unistd::Group::from_name(PMXCFS_GROUP)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    // Owner and group of one entry (its real path `at`).
+    let owned = |at: &Path, meta: &std::fs::Metadata, what: &str| -> Result<(), ProfileError> {
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(refuse(format!(
+                "{what} {} is owned by uid {}",
+                at.display(),
+                meta.uid()
+            )));
         }
+        let pmxcfs = at.starts_with(PMXCFS_MOUNT) && Some(meta.gid()) == pmxcfs_gid;
+        if meta.gid() != 0 && meta.gid() != my_gid && !pmxcfs {
+            return Err(refuse(format!(
+                "{what} {} has group gid {} (only root's group, or www-data under /etc/pve)",
+                at.display(),
+                meta.gid()
+            )));
+        }
+        Ok(())
+    };
+    // A directory that holds `below` on the path: nobody else may add, remove or swap it.
+    let holder = |dir: &Path, below: &std::fs::Metadata| -> Result<(), ProfileError> {
+        let meta = std::fs::symlink_metadata(dir).map_err(read_error)?;
+        owned(dir, &meta, "directory")?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            let sticky_over_root_dir =
+                mode & 0o1000 != 0 && below.is_dir() && (below.uid() == 0 || below.uid() == me);
+            if !sticky_over_root_dir {
+                return Err(refuse(format!(
+                    "directory {} is writable by group or others (mode {mode:o}){}",
+                    dir.display(),
+                    if mode & 0o1000 != 0 {
+                        ": its sticky bit protects entries from deletion, not from being \
+                         created by others"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        Ok(())
+    };
+
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(read_error)?.join(path)
+    };
+    // Components still to resolve, the next one last.
+    let mut pending: Vec<std::ffi::OsString> = Vec::new();
+    let push = |pending: &mut Vec<std::ffi::OsString>, p: &Path| {
+        for c in p.components().rev() {
+            match c {
+                std::path::Component::Normal(name) => pending.push(name.to_os_string()),
+                std::path::Component::ParentDir => pending.push("..".into()),
+                _ => {}
+            }
+        }
+    };
+    push(&mut pending, &absolute);
+    let mut current = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            // `current` is a real path (no symlinks): its parent is the lexical one.
+            current.pop();
+            continue;
+        }
+        let next = current.join(&name);
+        let meta = std::fs::symlink_metadata(&next).map_err(read_error)?;
+        holder(&current, &meta)?;
+        if meta.file_type().is_symlink() {
+            owned(&next, &meta, "symlink")?;
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return Err(refuse(format!("more than {MAX_SYMLINKS} symlinks")));
+            }
+            let target = std::fs::read_link(&next).map_err(read_error)?;
+            if target.is_absolute() {
+                current = PathBuf::from("/");
+            }
+            push(&mut pending, &target);
+            continue;
+        }
+        if pending.is_empty() {
+            owned(&next, &meta, "profile")?;
+            if !meta.is_file() {
+                return Err(refuse(format!("{} is not a regular file", next.display())));
+            }
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                return Err(refuse(format!(
+                    "profile {} has mode {mode:o}: writable by group or others",
+                    next.display()
+                )));
+            }
+            return Ok(next);
+        }
+        if !meta.is_dir() {
+            return Err(refuse(format!("{} is not a directory", next.display())));
+        }
+        current = next;
     }
-    Ok(())
+    // The path named a directory (`/`, or ending in `..`).
+    Err(refuse(format!(
+        "{} is not a regular file",
+        current.display()
+    )))
 }
 
 /// Parses and validates profile text (no host knowledge needed).

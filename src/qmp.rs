@@ -7,12 +7,18 @@
 //! leaves. qemu-server talks to this socket during a VM start, so "busy" shows up as a missing
 //! greeting, not as a refused connection: [`Qmp::connect`] waits for the greeting for a short,
 //! fixed budget and then gives up with [`QmpError::Busy`] so the caller can fall back to `/proc`.
-//! Every read has a timeout and every reply a line cap, so a misbehaving peer cannot hang a VM
-//! start (hookscripts run without a timeout, under the VM's config lock).
+//!
+//! A session has ONE deadline ([`SESSION_DEADLINE`] from the start of [`Qmp::connect`]) for
+//! everything it does: the connect, the greeting, and every command after it. Each read and
+//! write gets only the time left until that deadline (a per-read timeout would let a peer that
+//! sends one byte every half second hold the hook for ever), and every reply has a line cap, so
+//! a misbehaving peer cannot hang a VM start (hookscripts run without a timeout, under the VM's
+//! config lock).
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -21,8 +27,9 @@ use serde_json::{Value, json};
 /// How long [`Qmp::connect`] tries to get a greeting: long enough for qemu-server to finish a
 /// short exchange, short enough not to delay the VM start noticeably.
 pub const CONNECT_BUDGET: Duration = Duration::from_secs(1);
-/// Read and write timeout once connected; QEMU answers queries in well under a millisecond.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// The whole session's deadline, counted from the start of [`Qmp::connect`]: connect, greeting
+/// and every command together. QEMU answers the queries used here in well under a millisecond.
+pub const SESSION_DEADLINE: Duration = Duration::from_secs(3);
 /// Pause between connection attempts while the socket does not exist yet or refuses.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Events QEMU may interleave before a reply; more than this means something is wrong.
@@ -44,11 +51,13 @@ pub enum QmpError {
          (qemu-server, a backup job) holds it"
     )]
     Busy { path: PathBuf, waited_ms: u64 },
-    #[error("QMP socket {path}: no reply to '{command}' within {timeout_ms} ms")]
+    #[error(
+        "QMP socket {path}: no reply to '{command}' within the session deadline of {deadline_ms} ms"
+    )]
     Timeout {
         path: PathBuf,
         command: String,
-        timeout_ms: u64,
+        deadline_ms: u64,
     },
     #[error("QMP socket {path}: I/O error during '{command}'")]
     Io {
@@ -118,68 +127,74 @@ struct RawIothread {
     thread_id: i64,
 }
 
+/// The socket of a session: every read and write waits at most until `deadline`.
+struct Bounded {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Bounded {
+    /// The time left, or `TimedOut` when none is: a socket timeout of zero would mean "none".
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connected QMP session in command mode.
 pub struct Qmp {
     path: PathBuf,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    io_timeout: Duration,
+    /// The session socket; its `deadline` is the session's.
+    stream: BufReader<Bounded>,
+    session: Duration,
     next_id: u64,
 }
 
 impl Qmp {
-    /// Connects with [`CONNECT_BUDGET`] and [`IO_TIMEOUT`] and negotiates capabilities.
+    /// Connects with [`CONNECT_BUDGET`] for the greeting and [`SESSION_DEADLINE`] for the
+    /// whole session, and negotiates capabilities.
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        Qmp::connect_with(path, CONNECT_BUDGET, IO_TIMEOUT)
+        Qmp::connect_with(path, CONNECT_BUDGET, SESSION_DEADLINE)
     }
 
-    /// Connects, reads the greeting within `budget` and leaves capabilities negotiation mode.
-    pub fn connect_with(
-        path: &Path,
-        budget: Duration,
-        io_timeout: Duration,
-    ) -> Result<Qmp, QmpError> {
+    /// Connects, reads the greeting within `budget` and leaves capabilities negotiation mode;
+    /// everything this session does from now on (this included) ends within `session`.
+    pub fn connect_with(path: &Path, budget: Duration, session: Duration) -> Result<Qmp, QmpError> {
         let start = Instant::now();
-        let deadline = start + budget;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => break stream,
-                // Not there yet (QEMU still starting) or the backlog is full: try again.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::NotFound | ErrorKind::ConnectionRefused | ErrorKind::WouldBlock
-                    ) && Instant::now() + RETRY_PAUSE < deadline =>
-                {
-                    std::thread::sleep(RETRY_PAUSE);
-                }
-                Err(source) => {
-                    return Err(QmpError::Connect {
-                        path: path.to_path_buf(),
-                        source,
-                    });
-                }
-            }
-        };
-        let io_err = |source| QmpError::Io {
-            path: path.to_path_buf(),
-            command: "connect".into(),
-            source,
-        };
-        let writer = stream.try_clone().map_err(io_err)?;
-        writer.set_write_timeout(Some(io_timeout)).map_err(io_err)?;
-        // The greeting is what a busy socket withholds: wait for it only until the deadline.
-        let greeting_wait = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(10));
-        stream
-            .set_read_timeout(Some(greeting_wait))
-            .map_err(io_err)?;
+        let deadline = start + session;
+        let greeting_deadline = (start + budget).min(deadline);
+        let stream = connect_until(path, greeting_deadline)?;
         let mut qmp = Qmp {
             path: path.to_path_buf(),
-            reader: BufReader::new(stream),
-            writer,
-            io_timeout,
+            stream: BufReader::new(Bounded {
+                stream,
+                // The greeting is what a busy socket withholds: wait for it only until then.
+                deadline: greeting_deadline,
+            }),
+            session,
             next_id: 1,
         };
         let greeting = match qmp.read_message("greeting") {
@@ -195,10 +210,7 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             return Err(qmp.protocol("greeting", "no 'QMP' greeting: is this a QMP socket?"));
         }
-        qmp.reader
-            .get_ref()
-            .set_read_timeout(Some(io_timeout))
-            .map_err(io_err)?;
+        qmp.stream.get_mut().deadline = deadline;
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
     }
@@ -214,7 +226,8 @@ impl Qmp {
         }
         let mut line = request.to_string();
         line.push('\n');
-        self.writer
+        self.stream
+            .get_mut()
             .write_all(line.as_bytes())
             .map_err(|source| self.io_error(command, source))?;
 
@@ -286,7 +299,7 @@ impl Qmp {
     /// Reads one JSON object from one line, with the line length capped.
     fn read_message(&mut self, command: &str) -> Result<Value, QmpError> {
         let mut line = Vec::new();
-        let read = (&mut self.reader)
+        let read = (&mut self.stream)
             .take(MAX_LINE_BYTES)
             .read_until(b'\n', &mut line);
         match read {
@@ -308,7 +321,7 @@ impl Qmp {
                 Err(QmpError::Timeout {
                     path: self.path.clone(),
                     command: command.to_string(),
-                    timeout_ms: self.io_timeout.as_millis() as u64,
+                    deadline_ms: self.session.as_millis() as u64,
                 })
             }
             Err(source) => Err(self.io_error(command, source)),
@@ -339,6 +352,50 @@ impl Qmp {
     }
 }
 
+/// `UnixStream::connect` until `deadline`. A blocking connect to a socket whose listen backlog
+/// is full waits inside the kernel with no timeout, and std has no `connect_timeout` for unix
+/// sockets, so the connect runs in a helper thread: when the deadline passes first, the hook
+/// goes on without it (the thread ends when the kernel gives up, or with the process, which is
+/// short-lived).
+fn connect_until(path: &Path, deadline: Instant) -> Result<UnixStream, QmpError> {
+    let (tx, rx) = mpsc::channel();
+    let target = path.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("qmp-connect".into())
+        .spawn(move || {
+            let result = loop {
+                match UnixStream::connect(&target) {
+                    // Not there yet (QEMU still starting): try again.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::NotFound
+                                | ErrorKind::ConnectionRefused
+                                | ErrorKind::WouldBlock
+                        ) && Instant::now() + RETRY_PAUSE < deadline =>
+                    {
+                        std::thread::sleep(RETRY_PAUSE);
+                    }
+                    other => break other,
+                }
+            };
+            let _ = tx.send(result);
+        });
+    let connect_error = |source| QmpError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    spawned.map_err(connect_error)?;
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match rx.recv_timeout(wait) {
+        Ok(result) => result.map_err(connect_error),
+        Err(_) => Err(QmpError::Busy {
+            path: path.to_path_buf(),
+            waited_ms: wait.as_millis() as u64,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,14 +412,21 @@ mod tests {
         }
     }
 
-    /// A fake QEMU: sends `greeting`, then answers each request line with the next scripted
-    /// reply (several lines each).
-    fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> (PathBuf, TempDir) {
-        let dir = std::env::temp_dir().join(format!("pvetune-qmp-{}-{name}", std::process::id()));
+    /// A listening socket `vm.qmp` in a fresh temp dir of its own.
+    fn listen(name: &str) -> (UnixListener, PathBuf, TempDir) {
+        let dir =
+            std::env::temp_dir().join(format!("pvetune-test-qmp-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.qmp");
         let listener = UnixListener::bind(&path).unwrap();
+        (listener, path, TempDir(dir))
+    }
+
+    /// A fake QEMU: sends `greeting`, then answers each request line with the next scripted
+    /// reply (several lines each).
+    fn fake(name: &str, greeting: &'static str, replies: Vec<&'static str>) -> (PathBuf, TempDir) {
+        let (listener, path, dir) = listen(name);
         std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let mut writer = stream.try_clone().unwrap();
@@ -378,7 +442,7 @@ mod tests {
             // Hold the connection open until the client leaves.
             let _ = reader.read_to_end(&mut Vec::new());
         });
-        (path, TempDir(dir))
+        (path, dir)
     }
 
     #[test]
@@ -418,16 +482,16 @@ mod tests {
     fn silent_server_is_busy_within_the_budget() {
         let (path, _dir) = fake("busy", "", vec![]);
         let start = Instant::now();
-        let err = Qmp::connect_with(&path, Duration::from_millis(300), IO_TIMEOUT).err();
+        let err = Qmp::connect_with(&path, Duration::from_millis(300), SESSION_DEADLINE).err();
         assert!(matches!(err, Some(QmpError::Busy { .. })), "{err:?}");
         assert!(start.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
     fn missing_socket_is_a_connect_error_after_retries() {
-        let path = std::env::temp_dir().join("pvetune-qmp-does-not-exist.qmp");
+        let path = std::env::temp_dir().join("pvetune-test-qmp-does-not-exist.qmp");
         let start = Instant::now();
-        let err = Qmp::connect_with(&path, Duration::from_millis(200), IO_TIMEOUT).err();
+        let err = Qmp::connect_with(&path, Duration::from_millis(200), SESSION_DEADLINE).err();
         assert!(matches!(err, Some(QmpError::Connect { .. })), "{err:?}");
         assert!(start.elapsed() >= Duration::from_millis(100));
     }
@@ -450,6 +514,49 @@ mod tests {
         let (path, _dir) = fake("notqmp", "{\"hello\": 1}\n", vec![]);
         let err = Qmp::connect(&path).err().unwrap();
         assert!(err.to_string().contains("QMP socket?"), "{err}");
+    }
+
+    /// A peer that dribbles bytes of a `qmp_capabilities` reply that never ends (one byte every
+    /// 300 ms, each read gets one within any per-read timeout) and then closes after `bytes`.
+    fn dribbler(name: &str, greeting: &'static str, bytes: usize) -> (PathBuf, TempDir) {
+        let (listener, path, dir) = listen(name);
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            if stream.write_all(greeting.as_bytes()).is_err() {
+                return;
+            }
+            let _ = stream.write_all(b"{");
+            for _ in 0..bytes {
+                std::thread::sleep(Duration::from_millis(300));
+                if stream.write_all(b" ").is_err() {
+                    return;
+                }
+            }
+        });
+        (path, dir)
+    }
+
+    #[test]
+    fn a_dribbling_peer_is_cut_off_at_the_session_deadline() {
+        let session = Duration::from_millis(1500);
+        // 40 bytes at 300 ms: 12 s, far past the deadline.
+        let (path, _dir) = dribbler("dribble-reply", GREETING, 40);
+        let start = Instant::now();
+        let err = Qmp::connect_with(&path, Duration::from_millis(500), session).err();
+        let elapsed = start.elapsed();
+        assert!(matches!(err, Some(QmpError::Timeout { .. })), "{err:?}");
+        assert!(elapsed < session + Duration::from_secs(1), "{elapsed:?}");
+
+        // A greeting dribbled the same way is a busy socket, within the greeting budget.
+        let (path, _dir) = dribbler("dribble-greeting", "", 40);
+        let start = Instant::now();
+        let err = Qmp::connect_with(&path, Duration::from_millis(500), session).err();
+        let elapsed = start.elapsed();
+        assert!(matches!(err, Some(QmpError::Busy { .. })), "{err:?}");
+        assert!(
+            elapsed < Duration::from_millis(500) + Duration::from_secs(1),
+            "{elapsed:?}"
+        );
     }
 
     #[test]

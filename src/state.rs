@@ -985,8 +985,8 @@ mod tests {
 
     impl Dir {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("pvetune-state-{name}-{}", std::process::id()));
+            let dir = std::env::temp_dir()
+                .join(format!("pvetune-test-state-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             Dir(dir)
         }

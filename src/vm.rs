@@ -350,7 +350,8 @@ mod tests {
     }
 
     fn fake_root(name: &str) -> FakeRoot {
-        let root = std::env::temp_dir().join(format!("pvetune-vm-{}-{name}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("pvetune-test-vm-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join(RUN_DIR)).unwrap();
         FakeRoot(root)

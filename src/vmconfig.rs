@@ -9,9 +9,11 @@
 //! guessing a default for a mistyped `affinity` would pin the VM somewhere the user never asked.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::cpuset::CpuSet;
+use crate::excerpt::excerpt;
 pub use crate::pci::PciId;
 
 mod values;
@@ -27,6 +29,9 @@ pub const CONFIG_DIR: &str = "etc/pve/qemu-server";
 const MAX_NUMA: u8 = 8;
 /// qemu-server's `$MAX_HOSTPCI_DEVICES`: keys `hostpci0`..`hostpci15`.
 const MAX_HOSTPCI: u8 = 16;
+/// The largest VM config pvetune reads. pmxcfs keeps files far smaller; a bigger file is
+/// refused without being read whole, so memory stays bounded.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// qemu-server's minimum for `memory`.
 const MIN_MEMORY_MIB: u64 = 16;
 
@@ -41,6 +46,8 @@ pub enum VmConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM config {path} is larger than {} MiB: not a VM config", MAX_CONFIG_BYTES >> 20)]
+    TooLarge { path: PathBuf },
     #[error("{}line {line}: invalid {key} '{value}': expected {expected}", at(.path))]
     Invalid {
         path: Option<PathBuf>,
@@ -156,13 +163,20 @@ impl VmConfig {
     /// Reads `<root>/etc/pve/qemu-server/<vmid>.conf`.
     pub fn read(root: &Path, vmid: u32) -> Result<VmConfig, VmConfigError> {
         let path = root.join(CONFIG_DIR).join(format!("{vmid}.conf"));
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(VmConfigError::NotFound { path });
             }
             Err(source) => return Err(VmConfigError::Read { path, source }),
         };
+        let mut bytes = Vec::new();
+        if let Err(source) = file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes) {
+            return Err(VmConfigError::Read { path, source });
+        }
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(VmConfigError::TooLarge { path });
+        }
         // pmxcfs stores bytes; a stray non-UTF-8 byte in a key we skip must not block a start.
         let text = String::from_utf8_lossy(&bytes);
         VmConfig::parse(&text).map_err(|e| match e {
@@ -198,7 +212,10 @@ impl VmConfig {
             let Some((key, value)) = split_key_value(raw) else {
                 // qemu-server drops such a line with a warning (outside strict mode) and starts
                 // the VM without it; doing the same keeps pvetune's view equal to the VM's.
-                log::warn!("VM config line {line}: not a 'key: value' line, ignored: {raw:?}");
+                log::warn!(
+                    "VM config line {line}: not a 'key: value' line, ignored: {:?}",
+                    excerpt(raw)
+                );
                 continue;
             };
             config
@@ -206,8 +223,9 @@ impl VmConfig {
                 .map_err(|expected| VmConfigError::Invalid {
                     path: None,
                     line,
-                    key: key.to_string(),
-                    value: value.to_string(),
+                    key: excerpt(key),
+                    // A bounded quote: a 10 MB value must not become a 10 MB message.
+                    value: excerpt(value),
                     expected,
                 })?;
         }

@@ -53,9 +53,9 @@ fn steps(pid: i32) -> Vec<Step> {
 
 #[test]
 fn failure_at_every_step_restores_everything() {
-    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
-    let pid = child.id() as i32;
-    let original = RealHost.get_affinity(pid).unwrap();
+    // Killed on drop, also when an assertion below fails.
+    let thread = Thread::start();
+    let (pid, original) = (thread.pid, thread.original.clone());
     let plan = steps(pid);
     for fail_at in 1..=plan.len() {
         let tree = fixture::host_copy("ryzen-5900x");
@@ -102,8 +102,6 @@ fn failure_at_every_step_restores_everything() {
     assert!(exec.rollback(true).is_empty());
     assert_eq!(fixture::snapshot(&tree.path), before);
     assert_eq!(RealHost.get_affinity(pid).unwrap(), original);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -219,7 +217,8 @@ struct Scene {
 
 impl Scene {
     fn new() -> Self {
-        let path = fixture::temp_dir("crash");
+        let tree = fixture::temp_dir("crash");
+        let path = tree.path.clone();
         for cpu in [6, 7, 8] {
             fixture::write(
                 &path,
@@ -233,7 +232,7 @@ impl Scene {
             before: fixture::snapshot(&path),
             store: Store::new(&root),
             root,
-            tree: fixture::Root { path },
+            tree,
         }
     }
 

@@ -219,7 +219,7 @@ fn profile_writable_by_others_is_refused() {
     let out = pvetune(&root.path, &["100", "pre-start"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("refused: mode 666 is writable by group or others"),
+        stderr(&out).contains("has mode 666: writable by group or others"),
         "{}",
         stderr(&out)
     );

@@ -11,28 +11,21 @@
 mod common;
 mod fixture;
 
+use common::QemuGuard;
 use common::hostgen::{CpuFreqSpec, HostSpec, NodeSpec, Numbering, write_host};
 use fixture::{pvetune, read, snapshot, stderr, stdout, temp_dir, write};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use pvetune::cpuset::CpuSet;
 use pvetune::qmp::Qmp;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const QEMU: &str = "qemu-system-x86_64";
 
+/// A running QEMU; dropping it (also on a panic) kills it and removes the fixture root.
 struct Vm {
-    root: PathBuf,
     pid: i32,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
+    _guard: QemuGuard,
 }
 
 /// The CPUs this test process may run on: the host the fixture pretends to be.
@@ -46,7 +39,7 @@ fn usable_cpus() -> CpuSet {
 }
 
 /// A fixture host with the first two usable CPUs as one SMT core (CPU 0 and 1 here).
-fn fixture_root(name: &str) -> Option<PathBuf> {
+fn fixture_root(name: &str) -> Option<fixture::Root> {
     if Command::new(QEMU).arg("--version").output().is_err() {
         if std::env::var("PVETUNE_LAB").as_deref() == Ok("skip") {
             println!("skipped: {QEMU} missing and PVETUNE_LAB=skip");
@@ -61,7 +54,7 @@ fn fixture_root(name: &str) -> Option<PathBuf> {
     );
     let root = temp_dir(name);
     write_host(
-        &root,
+        &root.path,
         &HostSpec {
             packages: 1,
             cores_per_package: 1,
@@ -88,6 +81,10 @@ fn fixture_root(name: &str) -> Option<PathBuf> {
 
 /// Starts QEMU paused, the way qemu-server does, with its pidfile and QMP socket in the root.
 fn start_qemu(root: &Path, vmid: u32) -> Vm {
+    // Before the spawn: whatever panics from here on, no QEMU naming this root survives.
+    let guard = QemuGuard {
+        root: root.to_path_buf(),
+    };
     let run = root.join("var/run/qemu-server");
     std::fs::create_dir_all(&run).unwrap();
     let kvm = std::fs::OpenOptions::new()
@@ -114,7 +111,7 @@ fn start_qemu(root: &Path, vmid: u32) -> Vm {
             "unix:{}/{vmid}.qmp,server=on,wait=off",
             run.display()
         ))
-        .args(["-name", "lab,debug-threads=on"])
+        .args(["-name", "pvetune-test-hook,debug-threads=on"])
         .output()
         .unwrap();
     assert!(
@@ -129,10 +126,7 @@ fn start_qemu(root: &Path, vmid: u32) -> Vm {
         .unwrap();
     std::fs::create_dir_all(root.join("proc")).unwrap();
     std::os::unix::fs::symlink(format!("/proc/{pid}"), root.join(format!("proc/{pid}"))).unwrap();
-    Vm {
-        root: root.to_path_buf(),
-        pid,
-    }
+    Vm { pid, _guard: guard }
 }
 
 /// tid -> (comm, Cpus_allowed_list) of every thread of the process, from the real /proc.
@@ -167,9 +161,10 @@ fn iothread_tid(root: &Path, vmid: u32) -> i32 {
 
 #[test]
 fn post_start_pins_real_qemu_threads_and_post_stop_restores_them() {
-    let Some(root) = fixture_root("qemu-hook") else {
+    let Some(tree) = fixture_root("qemu-hook") else {
         return;
     };
+    let root = tree.path.clone();
     let vmid = 9301;
     write(
         &root,
@@ -233,9 +228,10 @@ fn post_start_pins_real_qemu_threads_and_post_stop_restores_them() {
 
 #[test]
 fn auto_layout_pairs_guest_siblings_on_a_host_core() {
-    let Some(root) = fixture_root("qemu-auto") else {
+    let Some(tree) = fixture_root("qemu-auto") else {
         return;
     };
+    let root = tree.path.clone();
     let vmid = 9302;
     write(
         &root,

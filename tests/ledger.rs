@@ -84,7 +84,8 @@ fn full_rewrites_per_phase_do_not_grow_with_the_number_of_changes() {
 /// The executor alone: a batch of `n` claims costs one append, its rollback one more, and
 /// the compaction one rewrite.
 fn batch_costs(n: usize) -> [StoreStats; 3] {
-    let dir = fixture::temp_dir("batch");
+    let tree = fixture::temp_dir("batch");
+    let dir = tree.path.clone();
     let steps: Vec<Step> = (0..n)
         .map(|i| {
             let path = format!("/proc/irq/{i}/smp_affinity_list");
@@ -125,7 +126,6 @@ fn batch_costs(n: usize) -> [StoreStats; 3] {
     store.compact(&mut exec.state).unwrap();
     assert_eq!(snapshot(&dir), before);
     assert!(store.load().unwrap().is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
     let delta = |a: StoreStats, b: StoreStats| StoreStats {
         rewrites: a.rewrites - b.rewrites,
         appends: a.appends - b.appends,

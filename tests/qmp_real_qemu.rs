@@ -10,26 +10,28 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+mod common;
+
+use common::QemuGuard;
 use pvetune::qmp::{Qmp, QmpError};
 use pvetune::vm::{self, IoThread, ThreadSource};
 
 const QEMU: &str = "qemu-system-x86_64";
 const IOTHREAD_ID: &str = "iothread-virtioscsi0";
 
-/// A paused QEMU; dropping it kills the process and removes its temp root.
+/// A paused QEMU; dropping it (also on a panic) kills the process and removes its temp root.
 struct Qemu {
     root: PathBuf,
     vmid: u32,
     pid: i32,
+    _guard: QemuGuard,
 }
 
 impl Qemu {
     /// Starts QEMU for `vmid` in a fresh root named after the test, or `None` when the lab
     /// is explicitly skipped.
     fn start(test: &str, vmid: u32) -> Option<Qemu> {
-        Qemu::start_named(test, vmid, "test,debug-threads=on")
+        Qemu::start_named(test, vmid, "pvetune-test-qmp,debug-threads=on")
     }
 
     /// As [`Qemu::start`], with the given `-name` argument.
@@ -44,8 +46,14 @@ impl Qemu {
                  or set PVETUNE_LAB=skip to skip the real-QEMU tests"
             );
         }
-        let root = std::env::temp_dir().join(format!("pvetune-qemu-{}-{test}", std::process::id()));
+        let root = std::env::temp_dir().join(format!(
+            "{}qemu-{}-{test}",
+            common::TEST_PREFIX,
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&root);
+        // Before anything that can panic: no QEMU naming this root outlives the test.
+        let guard = QemuGuard { root: root.clone() };
         std::fs::create_dir_all(root.join(vm::RUN_DIR)).unwrap();
         std::os::unix::fs::symlink("/proc", root.join("proc")).unwrap();
 
@@ -82,7 +90,12 @@ impl Qemu {
             .parse()
             .unwrap();
         println!("QEMU pid {pid} ({accel}) up in {:?}", started.elapsed());
-        Some(Qemu { root, vmid, pid })
+        Some(Qemu {
+            root,
+            vmid,
+            pid,
+            _guard: guard,
+        })
     }
 
     fn comm(&self, tid: i32) -> String {
@@ -91,18 +104,6 @@ impl Qemu {
             .unwrap()
             .trim_end()
             .to_string()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        // Only kill the pid while it is still this test's QEMU (its command line names our root).
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
-        let root = self.root.to_string_lossy();
-        if String::from_utf8_lossy(&cmdline).contains(root.as_ref()) {
-            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -274,7 +275,7 @@ fn qmp_errors_and_busy_state_are_reported() {
 fn without_thread_names_only_qmp_finds_vcpus() {
     // qemu-server 9.2 no longer passes `debug-threads=on`; before QEMU 11 every thread then
     // keeps the process name.
-    let Some(qemu) = Qemu::start_named("noname", 9104, "test") else {
+    let Some(qemu) = Qemu::start_named("noname", 9104, "pvetune-test-noname") else {
         return;
     };
     let vm = vm::discover(&qemu.root, qemu.vmid).unwrap().unwrap();
@@ -291,4 +292,23 @@ fn without_thread_names_only_qmp_finds_vcpus() {
     if names.iter().all(|n| !n.starts_with("CPU ")) {
         assert!(blind.vcpus.is_empty(), "{:?}", blind.vcpus);
     }
+}
+
+#[test]
+fn a_test_that_panics_leaves_no_qemu_and_no_temp_root() {
+    let mut seen = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let Some(qemu) = Qemu::start("panics", 9105) else {
+            return;
+        };
+        seen = Some((qemu.pid, qemu.root.clone()));
+        panic!("an assertion fails while QEMU {} runs", qemu.pid);
+    }));
+    let Some((pid, root)) = seen else {
+        return; // skipped: no QEMU here
+    };
+    assert!(result.is_err());
+    let marker = root.to_string_lossy().into_owned();
+    assert_eq!(common::qemu_pids(&marker), Vec::<i32>::new(), "QEMU {pid}");
+    assert!(!root.exists(), "{}", root.display());
 }

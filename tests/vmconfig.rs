@@ -2,6 +2,8 @@
 //! Proxmox ships in its own test suite (read from `../shared/peer-data`, never copied here,
 //! because those files are AGPL).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -311,7 +313,8 @@ fn pci_ids_parse_the_hostpci_grammar_and_print_sysfs_names() {
 
 #[test]
 fn read_attaches_the_path_and_reports_a_missing_file() {
-    let root = std::env::temp_dir().join(format!("pvetune-vmconfig-{}", std::process::id()));
+    let tree = common::TempDir::new("vmconfig");
+    let root = tree.path().to_path_buf();
     let dir = root.join("etc/pve/qemu-server");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("101.conf"), "cores: 3\nsockets: 2\n").unwrap();
@@ -328,7 +331,6 @@ fn read_attaches_the_path_and_reports_a_missing_file() {
         Err(VmConfigError::NotFound { path }) => assert_eq!(path, dir.join("103.conf")),
         other => panic!("{other:?}"),
     }
-    std::fs::remove_dir_all(&root).unwrap();
 }
 
 // ---- Proxmox's own test configs -------------------------------------------------------------

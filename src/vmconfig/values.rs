@@ -3,9 +3,10 @@
 //! Each returns the "expected ..." text for the user on failure.
 
 use super::{HostPci, MIN_MEMORY_MIB, NumaPolicy, NumaSpec, PciId, PciSource};
-use crate::cpuset::{CpuSet, MAX_CPUS};
+use crate::cpuset::{CpuSet, MAX_CPUS, MAX_LIST_BYTES};
+use crate::excerpt::excerpt;
 use crate::pci::PCI_CONFIG_FORM;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 /// `key: value` with qemu-server's key pattern `[a-z][a-z_-]*\d*`; the value runs to the last
@@ -66,10 +67,18 @@ pub(super) fn property_string<'a>(
         let (k, v) = match (part.split_once('='), default_key) {
             (Some((k, v)), _) => (k, v),
             (None, Some(default)) => (default, part),
-            (None, None) => return Err(format!("key=value pairs, but '{part}' has no '='")),
+            (None, None) => {
+                return Err(format!(
+                    "key=value pairs, but '{}' has no '='",
+                    excerpt(part)
+                ));
+            }
         };
         if props.insert(k, v).is_some() {
-            return Err(format!("each property once, but '{k}' appears twice"));
+            return Err(format!(
+                "each property once, but '{}' appears twice",
+                excerpt(k)
+            ));
         }
     }
     Ok(props)
@@ -96,13 +105,14 @@ pub(super) fn pve_cpuset(value: &str) -> Result<CpuSet, String> {
             "a CPU list such as 0-3,8-11 (numbers or ascending ranges below {MAX_CPUS}, comma-separated)"
         )
     };
+    // Longer than any list of MAX_CPUS CPUs: refused before any work (bounded time).
+    if value.len() > MAX_LIST_BYTES {
+        return Err(expected());
+    }
     let mut set = CpuSet::new();
-    let parts: Vec<&str> = value.trim_end_matches(',').split(',').collect();
-    for part in parts {
+    for part in value.trim_end_matches(',').split(',') {
         let (first, last) = id_range(part.trim(), MAX_CPUS).ok_or_else(expected)?;
-        for cpu in first..=last {
-            set.insert(cpu);
-        }
+        set.insert_range(first, last + 1);
     }
     Ok(set)
 }
@@ -157,13 +167,18 @@ pub(super) fn numa_spec(value: &str) -> Result<NumaSpec, String> {
 }
 
 /// qemu-server's number sets: `0-3;8;10-11`, no blanks, each range ascending.
+/// A bitmap, not a tree: each range costs its length / 64, and a value longer than any list of
+/// [`MAX_CPUS`] ids is refused before any work.
 pub(super) fn id_ranges(value: &str, expected: &str) -> Result<Vec<u32>, String> {
-    let mut ids = BTreeSet::new();
+    if value.len() > MAX_LIST_BYTES {
+        return Err(expected.to_string());
+    }
+    let mut ids = CpuSet::new();
     for part in value.split(';') {
         let (first, last) = id_range(part, MAX_CPUS).ok_or(expected)?;
-        ids.extend(first..=last);
+        ids.insert_range(first, last + 1);
     }
-    Ok(ids.into_iter().collect())
+    Ok(ids.iter().collect())
 }
 
 /// `hostpciN:` `[host=]<id>[;<id>...]` or `mapping=<id>`, plus options.
