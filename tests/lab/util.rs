@@ -19,7 +19,12 @@ impl<T, E: Display> Ctx<T> for Result<T, E> {
 }
 
 /// Runs a command to completion; on failure the error names the command and quotes its stderr.
+/// Its temp files go to `target/tmp/lab-tmp`, never to the test run's TMPDIR (which CI checks
+/// for leftovers: .ci/leftovers).
 pub fn run_cmd(cmd: &mut Command) -> LabResult<String> {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lab-tmp");
+    std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+    cmd.env("TMPDIR", &tmp);
     let shown = format!("{cmd:?}");
     let out = cmd.output().ctx(|| format!("starting {shown}"))?;
     if !out.status.success() {
