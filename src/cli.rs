@@ -27,7 +27,7 @@ Exit codes:
 #[command(
     name = "pvetune",
     version,
-    about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, governor, sysctls, with full rollback",
+    about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, IRQs off its CPUs, governor, sysctls, with full rollback",
     override_usage = "pvetune [OPTIONS] <VMID> <PHASE>\n       pvetune [OPTIONS] <COMMAND>",
     after_help = AFTER_HELP
 )]
@@ -59,7 +59,7 @@ enum Command {
     },
     /// Undo everything pvetune holds for the VM now
     Rollback { vmid: String },
-    /// Show what pvetune holds, per VM and node-wide
+    /// Show what pvetune holds, per VM and node-wide, and what changed behind its back
     Status { vmid: Option<String> },
     /// Validate the VM's profile against this host and the VM config; changes nothing
     Check { vmid: String },
