@@ -8,7 +8,7 @@
 use std::fmt;
 
 mod files;
-pub use files::{CpuFormat, exclude_text};
+pub use files::{CpuFormat, exclude_text, include_text};
 
 use crate::excerpt::excerpt;
 
@@ -421,6 +421,16 @@ mod tests {
             exclude_text("00000000,000000ff", mask, &cpus("0-1"), &cpus("2-3")),
             "00000000,000000fc"
         );
+    }
+
+    #[test]
+    fn include_adds_cpus_and_keeps_bytes_when_nothing_changes() {
+        let cpus = |s: &str| s.parse::<CpuSet>().unwrap();
+        let list = CpuFormat::List;
+        assert_eq!(include_text("\n", list, &cpus("4-7")), "4-7");
+        assert_eq!(include_text("4-7\n", list, &cpus("8-9")), "4-9");
+        assert_eq!(include_text("4-7\n", list, &cpus("5")), "4-7\n");
+        assert_eq!(include_text("junk", list, &cpus("5")), "junk");
     }
 
     #[test]

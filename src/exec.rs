@@ -24,9 +24,15 @@ use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::{Action, Step, ThreadRef};
 use crate::root::Root;
-use crate::state::{Change, Claim, Compose, Holder, PinRecord, State, StateError, Store, VmRecord};
+use crate::state::{
+    Change, Claim, Compose, ComposeOp, Holder, PinRecord, State, StateError, Store, VmRecord,
+};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
+
+mod cgroup;
+pub use cgroup::read_claimed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -45,8 +51,20 @@ pub enum ExecError {
         source: io::Error,
         hint: &'static str,
     },
-    #[error("{thread}: the VM is not running, so its threads cannot be pinned")]
+    #[error("{thread}: the VM is not running, so its threads cannot be pinned or moved")]
     NotRunning { thread: String },
+    #[error("cannot move {thread} into {cgroup}: {source}")]
+    Move {
+        thread: String,
+        cgroup: String,
+        source: io::Error,
+    },
+    #[error("{path} reads '{got}' after pvetune wrote '{wanted}' (the kernel's verdict)")]
+    Expect {
+        path: String,
+        wanted: String,
+        got: String,
+    },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -72,7 +90,19 @@ enum Intent {
         previous: Option<Claim>,
         /// The kernel may refuse this write (see `Action::Exclude`): a skip, not a failure.
         refusable: bool,
+        /// How the file is read and written (`Words` and `Dir` are not plain text writes).
+        op: Option<ComposeOp>,
     },
+    /// Move a thread from the cgroup `from` into `to`; no ledger entry (the cgroup's own
+    /// claim takes it back out when the cgroup is removed).
+    Move {
+        thread: ThreadRef,
+        tid: i32,
+        from: String,
+        to: String,
+    },
+    /// Fail unless `path` reads `value`.
+    Expect { path: String, value: String },
     Pin {
         thread: ThreadRef,
         tid: i32,
@@ -101,11 +131,33 @@ impl<'a, H: Host> Executor<'a, H> {
         }
     }
 
-    /// Applies the steps in order, as one batch (see the module doc). On the first failure,
-    /// every change made by this call is undone (in reverse), and the error is returned.
+    /// Applies the steps in order, as one batch (see the module doc) per stage between
+    /// [`Action::Barrier`]s. On the first failure, every change made by this call is undone
+    /// (in reverse, the stages before included), and the error is returned.
     pub fn apply(&mut self, steps: &[Step]) -> Result<Applied, ExecError> {
         let mut applied = Applied::default();
-        let (intents, changes) = self.prepare(steps, &mut applied)?;
+        let mut done: Vec<Vec<Intent>> = Vec::new();
+        for stage in steps.split(|s| s.action == Action::Barrier) {
+            match self.apply_stage(stage, &mut applied) {
+                Ok(intents) => done.push(intents),
+                Err(e) => {
+                    for intents in done.iter().rev() {
+                        self.undo(intents, intents.len());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// One batch: prepare, record, change. A failure undoes this batch and is returned.
+    fn apply_stage(
+        &mut self,
+        steps: &[Step],
+        applied: &mut Applied,
+    ) -> Result<Vec<Intent>, ExecError> {
+        let (intents, changes) = self.prepare(steps, applied)?;
         self.store.append(&mut self.state, &changes)?;
         let mut gone = Vec::new();
         for (i, intent) in intents.iter().enumerate() {
@@ -144,7 +196,7 @@ impl<'a, H: Host> Executor<'a, H> {
         if let Err(e) = self.journal(gone) {
             log::warn!("ledger: {e}");
         }
-        Ok(applied)
+        Ok(intents)
     }
 
     /// Step 1 of a batch: reads every target once and works out the intents and the ledger
@@ -160,6 +212,16 @@ impl<'a, H: Host> Executor<'a, H> {
         // first change, and the value it will hold by then, without a lookup in a list.
         let mut claims: HashMap<&str, Claim> = HashMap::new();
         let mut pins: HashMap<i32, PinRecord> = HashMap::new();
+        // The order of this VM's claims, which its rollback reverses (see `Holder::seq`).
+        let seq = Cell::new(
+            self.state
+                .claims
+                .values()
+                .filter_map(|c| c.holder(self.vmid))
+                .map(|h| h.seq)
+                .max()
+                .unwrap_or(0),
+        );
         let held: HashMap<i32, &PinRecord> = self
             .state
             .vms
@@ -169,8 +231,14 @@ impl<'a, H: Host> Executor<'a, H> {
         for step in steps {
             match &step.action {
                 Action::Write { path, value } => {
-                    let Some(intent) =
-                        self.claim_intent(path, value.clone(), None, false, &claims, applied)?
+                    let Some(intent) = self.claim_intent(
+                        path,
+                        value.clone(),
+                        None,
+                        false,
+                        (&claims, &seq),
+                        applied,
+                    )?
                     else {
                         continue;
                     };
@@ -184,6 +252,7 @@ impl<'a, H: Host> Executor<'a, H> {
                     refusable,
                 } => {
                     let compose = Compose {
+                        op: ComposeOp::Exclude,
                         format: *format,
                         fallback: fallback.clone(),
                         extra: Default::default(),
@@ -193,7 +262,7 @@ impl<'a, H: Host> Executor<'a, H> {
                         cpus.to_string(),
                         Some(compose),
                         *refusable,
-                        &claims,
+                        (&claims, &seq),
                         applied,
                     )?
                     else {
@@ -201,6 +270,57 @@ impl<'a, H: Host> Executor<'a, H> {
                     };
                     record(path, intent, &mut claims, &mut changes, &mut intents);
                 }
+                Action::Include { .. } | Action::Enable { .. } | Action::Mkdir { .. } => {
+                    let (path, op, value) = match &step.action {
+                        Action::Include { path, cpus } => {
+                            (path, ComposeOp::Include, cpus.to_string())
+                        }
+                        Action::Enable { path, controller } => {
+                            (path, ComposeOp::Words, controller.to_string())
+                        }
+                        Action::Mkdir { path, kind } => (path, ComposeOp::Dir, kind.to_string()),
+                        _ => unreachable!("matched above"),
+                    };
+                    let planned = (&claims, &seq);
+                    let compose = Some(Compose::of(op));
+                    if let Some(intent) =
+                        self.claim_intent(path, value, compose, false, planned, applied)?
+                    {
+                        record(path, intent, &mut claims, &mut changes, &mut intents);
+                    }
+                }
+                Action::Move { thread, cgroup } => {
+                    let Some(tid) = thread.tid else {
+                        return Err(ExecError::NotRunning {
+                            thread: thread.to_string(),
+                        });
+                    };
+                    let from = match self.thread_cgroup(thread.pid.unwrap_or(tid), tid) {
+                        Ok(from) => from,
+                        Err(e) if gone(&e) => {
+                            applied.vanished += 1;
+                            continue;
+                        }
+                        Err(source) => {
+                            return Err(ExecError::Move {
+                                thread: thread.to_string(),
+                                cgroup: cgroup.clone(),
+                                source,
+                            });
+                        }
+                    };
+                    intents.push(Intent::Move {
+                        thread: thread.clone(),
+                        tid,
+                        from,
+                        to: cgroup.clone(),
+                    });
+                }
+                Action::Expect { path, value } => intents.push(Intent::Expect {
+                    path: path.clone(),
+                    value: value.clone(),
+                }),
+                Action::Barrier => {}
                 Action::Pin { thread, cpus } => {
                     let Some(tid) = thread.tid else {
                         return Err(ExecError::NotRunning {
@@ -265,19 +385,25 @@ impl<'a, H: Host> Executor<'a, H> {
         value: String,
         compose: Option<Compose>,
         refusable: bool,
-        claims: &HashMap<&str, Claim>,
+        (claims, seq): (&HashMap<&str, Claim>, &Cell<u64>),
         applied: &mut Applied,
     ) -> Result<Option<(Claim, Intent)>, ExecError> {
+        let op = compose.as_ref().map(|c| c.op);
         let (current, previous) = match claims.get(path) {
             Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
-            None => match self.read(path) {
-                Ok(current) => (current, self.state.claims.get(path).cloned()),
-                Err(_) if refusable && !self.root.path(path).exists() => {
-                    applied.vanished += 1;
-                    return Ok(None);
+            None => {
+                let previous = self.state.claims.get(path).cloned();
+                let mut words = previous.as_ref().map(managed_words).unwrap_or_default();
+                words.push(value.clone());
+                match self.read_as(path, op, &words) {
+                    Ok(current) => (current, previous),
+                    Err(_) if refusable && !self.root.path(path).exists() => {
+                        applied.vanished += 1;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            },
+            }
         };
         let mut claim = previous.clone().unwrap_or_else(|| Claim {
             original: current.clone(),
@@ -291,7 +417,7 @@ impl<'a, H: Host> Executor<'a, H> {
             compose.extra = claim.compose.take().map(|c| c.extra).unwrap_or_default();
             claim.compose = Some(compose);
         }
-        self.hold(&mut claim, value);
+        self.hold(&mut claim, value, seq);
         let effective = claim.effective().into_owned();
         if composed && previous.is_none() && same_value(&current, &effective) {
             applied.unchanged += 1;
@@ -303,6 +429,7 @@ impl<'a, H: Host> Executor<'a, H> {
             effective,
             previous,
             refusable,
+            op,
         };
         Ok(Some((claim, intent)))
     }
@@ -314,8 +441,40 @@ impl<'a, H: Host> Executor<'a, H> {
                 path,
                 current,
                 effective,
+                op,
                 ..
-            } => self.write_if_different(path, current, effective),
+            } => self.put(path, current, effective, *op),
+            Intent::Move {
+                thread,
+                tid,
+                from,
+                to,
+            } => {
+                if from == to {
+                    return Ok(Some(false));
+                }
+                match self.move_thread(*tid, to) {
+                    Ok(()) => Ok(Some(true)),
+                    Err(e) if gone(&e) => Ok(None),
+                    Err(source) => Err(ExecError::Move {
+                        thread: thread.to_string(),
+                        cgroup: to.clone(),
+                        source,
+                    }),
+                }
+            }
+            Intent::Expect { path, value } => {
+                let got = self.read(path)?;
+                if same_value(&got, value) {
+                    Ok(Some(false))
+                } else {
+                    Err(ExecError::Expect {
+                        path: path.clone(),
+                        wanted: value.clone(),
+                        got: got.trim().to_string(),
+                    })
+                }
+            }
             Intent::Pin {
                 thread,
                 tid,
@@ -355,15 +514,35 @@ impl<'a, H: Host> Executor<'a, H> {
                 Intent::Write {
                     path,
                     current: before,
+                    effective,
                     previous,
+                    op,
                     ..
-                } => self
-                    .read(path)
-                    .and_then(|now| self.write_if_different(path, &now, before))
-                    .map(|_| Change::Claim {
-                        path: path.clone(),
-                        claim: previous.clone(),
-                    }),
+                } => {
+                    let words = [before, effective]
+                        .iter()
+                        .flat_map(|w| w.split_whitespace())
+                        .map(str::to_string)
+                        .collect::<Vec<_>>();
+                    self.read_as(path, *op, &words)
+                        .and_then(|now| self.put(path, &now, before, *op))
+                        .map(|_| Change::Claim {
+                            path: path.clone(),
+                            claim: previous.clone(),
+                        })
+                }
+                Intent::Move { tid, from, .. } if i < failed => {
+                    // Back where it was; the cgroup it was moved to goes later in this undo.
+                    if let Err(e) = self.move_thread(*tid, from)
+                        && !gone(&e)
+                    {
+                        log::error!(
+                            "undo after failure: cannot move thread {tid} back to {from}: {e}"
+                        );
+                    }
+                    continue;
+                }
+                Intent::Move { .. } | Intent::Expect { .. } => continue,
                 Intent::Pin {
                     tid,
                     current: before,
@@ -412,13 +591,16 @@ impl<'a, H: Host> Executor<'a, H> {
     pub fn rollback(&mut self, process_alive: bool) -> Vec<ExecError> {
         let mut errors = Vec::new();
         let mut changes = Vec::new();
-        let paths: Vec<String> = self
+        // Last taken, first released: a cgroup's files before the cgroup, a child before its
+        // parent (ties, from ledgers without an order: reverse path order, as before).
+        let mut paths: Vec<(u64, &String)> = self
             .state
             .claims
             .iter()
-            .filter(|(_, c)| c.holders.iter().any(|h| h.vmid == self.vmid))
-            .map(|(p, _)| p.clone())
+            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h.seq, p)))
             .collect();
+        paths.sort_unstable();
+        let paths: Vec<String> = paths.into_iter().map(|(_, p)| p.clone()).collect();
         for path in paths.iter().rev() {
             match self.release_claim(path) {
                 Ok(change) => changes.extend(change),
@@ -456,15 +638,20 @@ impl<'a, H: Host> Executor<'a, H> {
         errors
     }
 
-    /// Makes this VM a holder of `claim` with `value` (replacing its earlier value).
-    fn hold(&self, claim: &mut Claim, value: String) {
+    /// Makes this VM a holder of `claim` with `value` (replacing its earlier value); a new
+    /// holding takes the next number of this VM's claim order.
+    fn hold(&self, claim: &mut Claim, value: String, seq: &Cell<u64>) {
         match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
             Some(h) => h.value = value,
-            None => claim.holders.push(Holder {
-                vmid: self.vmid,
-                value,
-                extra: Default::default(),
-            }),
+            None => {
+                seq.set(seq.get() + 1);
+                claim.holders.push(Holder {
+                    vmid: self.vmid,
+                    value,
+                    seq: seq.get(),
+                    extra: Default::default(),
+                })
+            }
         }
     }
 
@@ -475,7 +662,21 @@ impl<'a, H: Host> Executor<'a, H> {
         let Some(claim) = self.state.claims.get(path) else {
             return Ok(None);
         };
-        let current = self.read(path)?;
+        let current = match self.read_as(path, claim.op(), &managed_words(claim)) {
+            Ok(current) => current,
+            // A file that is gone went with its cgroup (systemd removes a VM's scope when
+            // QEMU exits) or its IRQ: there is nothing left to put back.
+            Err(ExecError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                log::debug!("{path} is gone: nothing to restore");
+                let mut rest = claim.clone();
+                rest.holders.retain(|h| h.vmid != self.vmid);
+                return Ok(Some(Change::Claim {
+                    path: path.to_string(),
+                    claim: (!rest.holders.is_empty()).then_some(rest),
+                }));
+            }
+            Err(e) => return Err(e),
+        };
         let mut rest = claim.clone();
         rest.holders.retain(|h| h.vmid != self.vmid);
         // A file that already holds what it is to hold is a release done again after a crash.
@@ -489,7 +690,7 @@ impl<'a, H: Host> Executor<'a, H> {
                 claim.effective().trim()
             );
         }
-        self.write_if_different(path, &current, &rest.effective())?;
+        self.put(path, &current, &rest.effective(), claim.op())?;
         Ok(Some(Change::Claim {
             path: path.to_string(),
             claim: (!rest.holders.is_empty()).then_some(rest),
@@ -591,6 +792,24 @@ fn refused<'i>(
     };
     let errno = nix::errno::Errno::from_raw(source.raw_os_error()?);
     Some((path, format!("{errno:?}"), previous))
+}
+
+/// The words a `Words` claim manages (its original's and every holder's); empty for others.
+pub fn managed_words(claim: &Claim) -> Vec<String> {
+    if claim.op() != Some(ComposeOp::Words) {
+        return Vec::new();
+    }
+    claim
+        .original
+        .split_whitespace()
+        .map(str::to_string)
+        .chain(claim.holders.iter().map(|h| h.value.clone()))
+        .collect()
+}
+
+/// A thread or file that no longer exists: a thread that exited, a cgroup removed.
+fn gone(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(nix::libc::ESRCH) || e.kind() == io::ErrorKind::NotFound
 }
 
 /// Kernel files print what was written with different white space (`4096 87380` as

@@ -16,6 +16,8 @@ pub struct HostFacts {
     pub sysctls: BTreeMap<String, bool>,
     /// The IRQs under `/proc/irq` (read only when the profile moves IRQs).
     pub irqs: Option<Irqs>,
+    /// The cgroup tree (read only when the profile asks for a partition).
+    pub cgroup: Option<crate::cgroup::CgroupFacts>,
 }
 
 /// `/proc/irq`: every IRQ that has an affinity file, and the default affinity.
@@ -95,6 +97,7 @@ impl HostFacts {
         cpus: &CpuSet,
         sysctls: impl Iterator<Item = &'a str>,
         with_irqs: bool,
+        with_cgroup: bool,
     ) -> Self {
         let cpufreq = cpus
             .iter()
@@ -111,6 +114,7 @@ impl HostFacts {
             cpufreq,
             sysctls,
             irqs,
+            cgroup: with_cgroup.then(|| crate::cgroup::CgroupFacts::read(root)),
         }
     }
 }

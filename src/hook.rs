@@ -65,6 +65,7 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         &profile.cpus.value,
         profile.sysctl.iter().map(|(name, _)| name.as_str()),
         profile.isolation.irqs,
+        profile.isolation.partition.is_some(),
     );
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {

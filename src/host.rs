@@ -18,6 +18,31 @@ pub trait Host {
     fn write(&self, path: &Path, value: &str) -> io::Result<()>;
     fn get_affinity(&self, tid: i32) -> io::Result<CpuSet>;
     fn set_affinity(&self, tid: i32, cpus: &CpuSet) -> io::Result<()>;
+    /// Creates one directory (a cgroup); its parent must exist.
+    fn mkdir(&self, path: &Path) -> io::Result<()>;
+    /// Removes one empty directory (a cgroup without threads or children).
+    fn rmdir(&self, path: &Path) -> io::Result<()>;
+}
+
+impl<H: Host + ?Sized> Host for &H {
+    fn read(&self, path: &Path) -> io::Result<String> {
+        (**self).read(path)
+    }
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        (**self).write(path, value)
+    }
+    fn get_affinity(&self, tid: i32) -> io::Result<CpuSet> {
+        (**self).get_affinity(tid)
+    }
+    fn set_affinity(&self, tid: i32, cpus: &CpuSet) -> io::Result<()> {
+        (**self).set_affinity(tid, cpus)
+    }
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        (**self).mkdir(path)
+    }
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        (**self).rmdir(path)
+    }
 }
 
 /// The real machine (under whatever root the paths were mapped with).
@@ -53,6 +78,14 @@ impl Host for RealHost {
         }
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)?;
         Ok(())
+    }
+
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir(path)
     }
 }
 
@@ -96,5 +129,13 @@ impl<H: Host> Host for FailAt<H> {
     fn set_affinity(&self, tid: i32, cpus: &CpuSet) -> io::Result<()> {
         self.tick()?;
         self.inner.set_affinity(tid, cpus)
+    }
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        self.tick()?;
+        self.inner.mkdir(path)
+    }
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        self.tick()?;
+        self.inner.rmdir(path)
     }
 }

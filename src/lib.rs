@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attr;
+pub mod cgroup;
 pub mod cli;
 pub mod cpuset;
 pub mod error;

@@ -5,7 +5,7 @@
 //! affinity); `pvetune plan` prints them and the hook executes them. Nothing below the command
 //! line knows whether it is a dry run.
 
-use crate::cpuset::{CpuFormat, CpuSet, exclude_text};
+use crate::cpuset::{CpuFormat, CpuSet, exclude_text, include_text};
 use crate::facts::HostFacts;
 use crate::profile::{Located, Profile};
 use crate::topology::Topology;
@@ -92,6 +92,31 @@ pub enum Action {
         fallback: CpuSet,
         refusable: bool,
     },
+    /// Add the VM's `cpus` to a host-wide CPU set file: a claim composed as the original plus
+    /// every holder's CPUs (the exclusive CPUs of `qemu.slice`, which must cover every
+    /// isolated VM's partition), so one VM's stop leaves the others' CPUs in.
+    Include { path: String, cpus: CpuSet },
+    /// Switch `controller` on in a `cgroup.subtree_control` file; a claim shared by every VM
+    /// that needs it, switched off after the last one only if it was off before.
+    Enable {
+        path: String,
+        controller: &'static str,
+    },
+    /// Create the cgroup `path` as `cgroup.type` `kind`. Undone by moving whatever threads are
+    /// left in it to its parent, then removing it; so the threads that [`Action::Move`] put
+    /// there need no ledger entry of their own.
+    Mkdir { path: String, kind: &'static str },
+    /// Move a thread into the cgroup `cgroup` (a write of its tid to `cgroup.threads`).
+    Move { thread: ThreadRef, cgroup: String },
+    /// Fail the batch, undoing it, unless `path` reads `value`: the kernel accepts a write to
+    /// `cpuset.cpus.partition` and only says on reading it back that it made the partition
+    /// invalid, and why.
+    Expect { path: String, value: String },
+    /// The kernel makes files in answer to the steps before this one (a controller switched
+    /// on creates the children's `cpuset.*` files, a cgroup comes with its own): the steps
+    /// after it are read, recorded and made only once those before are made. A phase with
+    /// barriers is still one all-or-nothing apply.
+    Barrier,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +198,7 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
     tunables::pinning::validate(inp)?;
     tunables::governor::validate(inp)?;
     tunables::sysctl::validate(inp)?;
+    tunables::partition::validate(inp)?;
     Ok(())
 }
 
@@ -203,6 +229,8 @@ pub fn build(inp: &Inputs, phase: Phase) -> Result<Plan, PlanError> {
                 });
                 return Ok(plan);
             }
+            // The partition first: the vCPUs are pinned inside it, the rest outside it.
+            tunables::partition::plan(inp, &mut plan);
             tunables::pinning::plan(inp, &mut plan)?;
             tunables::governor::plan(inp, &mut plan);
             tunables::sysctl::plan(inp, &mut plan);
@@ -223,8 +251,14 @@ impl fmt::Display for ThreadRef {
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Action::Write { path, .. } | Action::Exclude { path, .. } => f.write_str(path),
-            Action::Pin { thread, .. } => write!(f, "{thread}"),
+            Action::Write { path, .. }
+            | Action::Exclude { path, .. }
+            | Action::Include { path, .. }
+            | Action::Enable { path, .. }
+            | Action::Mkdir { path, .. } => f.write_str(path),
+            Action::Expect { path, .. } => write!(f, "check {path}"),
+            Action::Barrier => f.write_str("(barrier)"),
+            Action::Pin { thread, .. } | Action::Move { thread, .. } => write!(f, "{thread}"),
         }
     }
 }
@@ -242,6 +276,18 @@ impl Action {
                 fallback,
                 ..
             } => exclude_text(before, *format, cpus, fallback),
+            Action::Include { cpus, .. } => include_text(before, CpuFormat::List, cpus),
+            Action::Enable { controller, .. } => {
+                let mut words: Vec<&str> = before.split_whitespace().collect();
+                if !words.contains(controller) {
+                    words.push(controller);
+                }
+                words.join(" ")
+            }
+            Action::Mkdir { kind, .. } => kind.to_string(),
+            Action::Move { cgroup, .. } => cgroup.clone(),
+            Action::Expect { value, .. } => value.clone(),
+            Action::Barrier => String::new(),
         }
     }
 }

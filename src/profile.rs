@@ -39,6 +39,9 @@ pub struct Profile {
 pub struct Isolation {
     /// Every movable IRQ, and the default affinity of IRQs yet to come, off `cpus`.
     pub irqs: bool,
+    /// `partition: isolated`: the vCPU threads in an isolated cpuset partition of `cpus`
+    /// (where in the profile, for errors).
+    pub partition: Option<Located<()>>,
 }
 
 /// A value with the place in the profile it came from, for error messages.
@@ -105,9 +108,8 @@ pub enum ProfileError {
 
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
 /// profile using them is refused with a clear message instead of being half-applied. The
-/// first four are keys of `isolation:`.
+/// first three are keys of `isolation:`.
 const PLANNED_KEYS: &[&str] = &[
-    "partition",
     "kthreads",
     "cpu-cycle",
     "irqbalance",
@@ -132,6 +134,7 @@ struct RawProfile {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawIsolation {
     irqs: Option<bool>,
+    partition: Option<Spanned<String>>,
 }
 
 /// `vcpus:` is a mode word or a list of CPU numbers.
@@ -319,8 +322,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         }
         sysctl.push((name, located(value.value.clone(), pos)));
     }
+    let raw_isolation = raw.isolation.unwrap_or(RawIsolation {
+        irqs: None,
+        partition: None,
+    });
+    let partition = match &raw_isolation.partition {
+        None => None,
+        Some(p) if p.value == "isolated" => Some(located((), at(p))),
+        Some(p) if p.value == "none" => None,
+        Some(p) => {
+            return Err(invalid(
+                "isolation.partition",
+                at(p),
+                format!(
+                    "'{}' is not a partition type: expected isolated (or none)",
+                    crate::excerpt::excerpt(&p.value)
+                ),
+            ));
+        }
+    };
     let isolation = Isolation {
-        irqs: raw.isolation.and_then(|i| i.irqs).unwrap_or(false),
+        irqs: raw_isolation.irqs.unwrap_or(false),
+        partition,
     };
     Ok(Profile {
         path: path.to_path_buf(),

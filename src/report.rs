@@ -1,11 +1,11 @@
 //! What pvetune shows: the dry run (`plan`) and what it holds (`status`). Reads only.
 
 use crate::error::Error;
-use crate::exec::same_value;
+use crate::exec::{managed_words, read_claimed, same_value};
 use crate::hook::{Env, load, plan_for, process_alive};
 use crate::host::{Host, RealHost};
 use crate::plan::{Action, Phase, Plan, Step, ThreadRef};
-use crate::state::{State, Store};
+use crate::state::{Claim, ComposeOp, State, Store};
 
 /// The dry run of `phases`, as `target: before -> after` lines under a heading per phase.
 /// The ledger, the profile, the host and the VM are read once for all of them. Reads only.
@@ -43,11 +43,30 @@ pub fn render_plan<H: Host>(
 /// One phase's plan: each step with the value its target holds now.
 fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>) {
     for step in &plan.steps {
+        // A file of a cgroup that the plan creates first reads as empty.
+        let read = |path: &str| match host.read(&env.root.path(path)) {
+            Ok(text) => text.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => format!("<unreadable: {e}>"),
+        };
         let before = match &step.action {
-            Action::Write { path, .. } | Action::Exclude { path, .. } => host
-                .read(&env.root.path(path))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|e| format!("<unreadable: {e}>")),
+            Action::Write { path, .. }
+            | Action::Exclude { path, .. }
+            | Action::Include { path, .. }
+            | Action::Enable { path, .. } => read(path),
+            Action::Barrier => continue,
+            Action::Expect { path, value } => {
+                let now = match read(path) {
+                    now if now.is_empty() => "not there yet".to_string(),
+                    now => format!("now {now}"),
+                };
+                out.push(format!("  check {path} reads '{value}' ({now})"));
+                continue;
+            }
+            Action::Mkdir { path, .. } => match read(&format!("{path}/cgroup.type")).as_str() {
+                "" => crate::state::DIR_ABSENT.to_string(),
+                kind => kind.to_string(),
+            },
             Action::Pin { thread, .. } => match thread.tid {
                 Some(tid) => host
                     .get_affinity(tid)
@@ -55,14 +74,27 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
                     .unwrap_or_else(|e| format!("<{e}>")),
                 None => "-".to_string(),
             },
+            Action::Move { thread, .. } => match (thread.pid, thread.tid) {
+                (Some(pid), Some(tid)) => host
+                    .read(&env.root.path(crate::cgroup::thread_cgroup_path(pid, tid)))
+                    .ok()
+                    .and_then(|t| crate::cgroup::unified_path(&t))
+                    .unwrap_or_else(|| "-".to_string()),
+                _ => "-".to_string(),
+            },
         };
         let after = step.action.after(&before);
         let same = same_value(&before, &after);
         let mark = if same { " (unchanged)" } else { "" };
+        let shown = |text: &str| match text.trim() {
+            "" => "(empty)".to_string(),
+            text => text.to_string(),
+        };
         out.push(format!(
-            "  {}: {before} -> {}{mark}",
+            "  {}: {} -> {}{mark}",
             step.action,
-            after.trim()
+            shown(&before),
+            shown(&after)
         ));
     }
     for skip in &plan.skipped {
@@ -79,17 +111,48 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
 /// What post-stop would do: the undo of the ledger's entries for the VM.
 fn undo_plan(state: &State, vmid: u32) -> Plan {
     let mut plan = Plan::default();
-    for (path, claim) in &state.claims {
-        if claim.holders.iter().any(|h| h.vmid == vmid) {
+    // In the order rollback releases them: last taken first.
+    let mut held: Vec<(u64, &String, &Claim)> = state
+        .claims
+        .iter()
+        .filter_map(|(p, c)| c.holder(vmid).map(|h| (h.seq, p, c)))
+        .collect();
+    held.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    for (_, path, claim) in held {
+        {
             let mut rest = claim.clone();
             rest.holders.retain(|h| h.vmid != vmid);
-            plan.steps.push(Step {
-                tunable: "restore",
-                action: Action::Write {
+            let action = match claim.op() {
+                Some(ComposeOp::Dir) if rest.holders.is_empty() => {
+                    plan.notes.push(format!(
+                        "{path}: removed (threads left in it go back to its parent first)"
+                    ));
+                    None
+                }
+                Some(ComposeOp::Words) => {
+                    let off: Vec<&str> = claim
+                        .holders
+                        .iter()
+                        .map(|h| h.value.as_str())
+                        .filter(|w| !rest.effective().split_whitespace().any(|r| r == *w))
+                        .collect();
+                    if !off.is_empty() {
+                        plan.notes
+                            .push(format!("{path}: -{} (it was off before)", off.join(" -")));
+                    }
+                    None
+                }
+                _ => Some(Action::Write {
                     path: path.clone(),
                     value: rest.effective().to_string(),
-                },
-            });
+                }),
+            };
+            if let Some(action) = action {
+                plan.steps.push(Step {
+                    tunable: "restore",
+                    action,
+                });
+            }
             if !rest.holders.is_empty() {
                 let who: Vec<String> = rest.holders.iter().map(|h| h.vmid.to_string()).collect();
                 plan.notes
@@ -117,8 +180,9 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
 
 /// ` [changed outside pvetune: now X]` when the file no longer holds what the claim set (an
 /// admin's echo, irqbalance, systemd): rollback still restores the original, and says so.
-fn drift(env: &Env, path: &str, claim: &crate::state::Claim) -> String {
-    match RealHost.read(&env.root.path(path)) {
+fn drift(env: &Env, path: &str, claim: &Claim) -> String {
+    let words = managed_words(claim);
+    match read_claimed(&RealHost, &env.root, path, claim.op(), &words) {
         Ok(now) if same_value(&now, &claim.effective()) => String::new(),
         Ok(now) => format!(" [changed outside pvetune: now {}]", now.trim()),
         Err(e) => format!(" [unreadable: {e}]"),
@@ -167,13 +231,29 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
         for (path, claim) in &state.claims {
             if let Some(h) = claim.holders.iter().find(|h| h.vmid == vmid) {
                 // A composed claim's holder value is the CPUs it takes out, not the file's.
-                let line = match claim.compose {
-                    Some(_) => format!(
+                let line = match claim.op() {
+                    Some(ComposeOp::Exclude) => format!(
                         "  {path}: {} (original {}; CPUs {} taken out)",
                         claim.effective().trim(),
                         claim.original.trim(),
                         h.value.trim()
                     ),
+                    Some(ComposeOp::Include) => format!(
+                        "  {path}: {} (original {}; CPUs {} added)",
+                        claim.effective().trim(),
+                        claim.original.trim(),
+                        h.value.trim()
+                    ),
+                    Some(ComposeOp::Words) => format!(
+                        "  {path}: {} on (was {})",
+                        h.value,
+                        if claim.original.split_whitespace().any(|w| w == h.value) {
+                            "on"
+                        } else {
+                            "off"
+                        }
+                    ),
+                    Some(ComposeOp::Dir) => format!("  {path}: cgroup created ({})", h.value),
                     None => format!(
                         "  {path}: {} (original {})",
                         h.value.trim(),
@@ -190,9 +270,14 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
             let holders: Vec<String> = claim
                 .holders
                 .iter()
-                .map(|h| match claim.compose {
-                    Some(_) => format!("VM {} takes out {}", h.vmid, h.value.trim()),
-                    None => format!("VM {}={}", h.vmid, h.value.trim()),
+                .map(|h| match claim.op() {
+                    Some(ComposeOp::Exclude) => {
+                        format!("VM {} takes out {}", h.vmid, h.value.trim())
+                    }
+                    Some(ComposeOp::Include) => format!("VM {} adds {}", h.vmid, h.value.trim()),
+                    Some(ComposeOp::Words | ComposeOp::Dir) | None => {
+                        format!("VM {}={}", h.vmid, h.value.trim())
+                    }
                 })
                 .collect();
             out.push(format!(

@@ -52,7 +52,7 @@
 //! root (or this process's user, for fixture roots), mode 0700, and no file in it is opened
 //! through a link (`O_NOFOLLOW`; the temp file with `O_EXCL` after unlinking a stale one).
 
-use crate::cpuset::{CpuFormat, CpuSet, exclude_text};
+use crate::cpuset::{CpuFormat, CpuSet, exclude_text, include_text};
 use crate::root::{Root, paths};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -167,10 +167,12 @@ pub struct Claim {
     pub extra: Extra,
 }
 
-/// How a composed claim's value is made: the original CPU set minus every holder's CPUs, or
-/// `fallback` minus them when that would leave none (see `cpuset::exclude_text`).
+/// How a composed claim's value is made from its original and every holder's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compose {
+    /// Absent in ledgers written before there was more than one way (`exclude`).
+    #[serde(default, skip_serializing_if = "ComposeOp::is_exclude")]
+    pub op: ComposeOp,
     pub format: CpuFormat,
     /// The housekeeping CPUs as the latest claimer saw them.
     pub fallback: CpuSet,
@@ -178,10 +180,60 @@ pub struct Compose {
     pub extra: Extra,
 }
 
+/// The ways a claim is composed. Each is commutative, so the order in which VMs start and
+/// stop never matters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComposeOp {
+    /// A CPU set file: the original minus every holder's CPUs, or `fallback` minus them when
+    /// that would leave none (an IRQ's affinity; `cpuset::exclude_text`).
+    #[default]
+    Exclude,
+    /// A CPU set file: the original plus every holder's CPUs (the exclusive CPUs of
+    /// `qemu.slice`, which must cover every isolated VM's partition).
+    Include,
+    /// `cgroup.subtree_control`: each holder's value is a controller it needs switched on.
+    /// Only those words are ever written (`+cpuset`, and `-cpuset` after the last holder if it
+    /// was off before); what others switch on or off meanwhile is left alone. `original`
+    /// holds only the held words that were on before the first claim.
+    Words,
+    /// A cgroup directory pvetune creates: `original` is `absent`, a holder's value the
+    /// `cgroup.type` to give it. Releasing the last holder moves any thread left in it to
+    /// its parent and removes it.
+    Dir,
+}
+
+impl Compose {
+    /// A composition that needs no CPU format or fallback (`Include` of a CPU list,
+    /// `Words`, `Dir`).
+    pub fn of(op: ComposeOp) -> Self {
+        Compose {
+            op,
+            format: CpuFormat::List,
+            fallback: CpuSet::new(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+impl ComposeOp {
+    fn is_exclude(&self) -> bool {
+        *self == ComposeOp::Exclude
+    }
+}
+
+/// What a `Dir` claim's directory reads when it does not exist.
+pub const DIR_ABSENT: &str = "absent";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub vmid: u32,
     pub value: String,
+    /// Order in which this VM took its claims (1, 2, ...): rollback releases them last first,
+    /// so a cgroup's files go before the cgroup and a child before its parent. 0 in ledgers
+    /// written before it was recorded (released in reverse path order, as then).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -254,18 +306,45 @@ impl Claim {
         let Some(compose) = &self.compose else {
             return Cow::Borrowed(&last.value);
         };
-        let taken = self
-            .holders
-            .iter()
-            .filter_map(|h| h.value.parse::<CpuSet>().ok())
-            .fold(CpuSet::new(), |acc, c| acc.union(&c));
-        Cow::Owned(exclude_text(
-            &self.original,
-            compose.format,
-            &taken,
-            &compose.fallback,
-        ))
+        let taken = || {
+            self.holders
+                .iter()
+                .filter_map(|h| h.value.parse::<CpuSet>().ok())
+                .fold(CpuSet::new(), |acc, c| acc.union(&c))
+        };
+        match compose.op {
+            ComposeOp::Exclude => Cow::Owned(exclude_text(
+                &self.original,
+                compose.format,
+                &taken(),
+                &compose.fallback,
+            )),
+            ComposeOp::Include => {
+                Cow::Owned(include_text(&self.original, compose.format, &taken()))
+            }
+            ComposeOp::Words => {
+                let mut words: Vec<&str> = self.original.split_whitespace().collect();
+                words.extend(self.holders.iter().map(|h| h.value.as_str()));
+                words.sort_unstable();
+                words.dedup();
+                Cow::Owned(words.join(" "))
+            }
+            ComposeOp::Dir => Cow::Borrowed(&last.value),
+        }
     }
+
+    /// This VM's holding, if it holds the claim.
+    pub fn holder(&self, vmid: u32) -> Option<&Holder> {
+        self.holders.iter().find(|h| h.vmid == vmid)
+    }
+
+    pub fn op(&self) -> Option<ComposeOp> {
+        self.compose.as_ref().map(|c| c.op)
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl State {
@@ -403,11 +482,13 @@ mod tests {
         claim.holders.push(Holder {
             vmid: 100,
             value: "120".into(),
+            seq: 0,
             extra: Extra::new(),
         });
         claim.holders.push(Holder {
             vmid: 101,
             value: "60".into(),
+            seq: 0,
             extra: Extra::new(),
         });
         assert_eq!(claim.effective(), "60");
@@ -418,12 +499,14 @@ mod tests {
         let holder = |vmid, cpus: &str| Holder {
             vmid,
             value: cpus.into(),
+            seq: 0,
             extra: Extra::new(),
         };
         let claim = |original: &str| Claim {
             original: original.into(),
             holders: vec![],
             compose: Some(Compose {
+                op: ComposeOp::Exclude,
                 format: CpuFormat::List,
                 fallback: "0-1".parse().unwrap(),
                 extra: Extra::new(),

@@ -61,6 +61,8 @@ pub struct RunningVm {
     /// Every other thread of the process (main loop, `call_rcu`, workers, ...), by tid.
     pub emulator: Vec<Thread>,
     pub source: ThreadSource,
+    /// QEMU's cgroup, host-absolute (`/sys/fs/cgroup/qemu.slice/100.scope`), if readable.
+    pub cgroup: Option<String>,
 }
 
 /// A vCPU thread; the guest topology position is known only from QMP.
@@ -194,6 +196,9 @@ pub fn discover(root: &Path, vmid: u32) -> Result<Option<RunningVm>, VmError> {
         iothreads,
         emulator,
         source,
+        cgroup: crate::attr::read(&proc_dir(root, pid).join("cgroup"))
+            .ok()
+            .and_then(|text| crate::cgroup::unified_path(&text)),
     }))
 }
 

@@ -216,6 +216,12 @@ impl Host for RefusesIrq<'_> {
     fn set_affinity(&self, tid: i32, cpus: &pvetune::cpuset::CpuSet) -> io::Result<()> {
         RealHost.set_affinity(tid, cpus)
     }
+    fn mkdir(&self, path: &Path) -> io::Result<()> {
+        RealHost.mkdir(path)
+    }
+    fn rmdir(&self, path: &Path) -> io::Result<()> {
+        RealHost.rmdir(path)
+    }
 }
 
 fn exclude(irq: u32) -> Step {

@@ -56,3 +56,22 @@ pub fn exclude_text(
     }
     format.render(&left, current)
 }
+
+/// A host-wide CPU set file with some CPUs added: `current` plus `add` (an empty file is the
+/// empty set). `current` itself, byte for byte, when nothing changes or when it cannot be
+/// parsed.
+pub fn include_text(current: &str, format: CpuFormat, add: &CpuSet) -> String {
+    let set = if current.trim().is_empty() {
+        Some(CpuSet::new())
+    } else {
+        format.parse(current)
+    };
+    let Some(set) = set else {
+        return current.to_string();
+    };
+    let all = set.union(add);
+    if all == set {
+        return current.to_string();
+    }
+    format.render(&all, current)
+}

@@ -54,6 +54,7 @@ fn claim(path: &str, vmid: u32, value: &str) -> Change {
             holders: vec![Holder {
                 vmid,
                 value: value.into(),
+                seq: 0,
                 extra: Extra::new(),
             }],
             compose: None,

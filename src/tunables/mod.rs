@@ -4,5 +4,6 @@
 
 pub mod governor;
 pub mod irqs;
+pub mod partition;
 pub mod pinning;
 pub mod sysctl;

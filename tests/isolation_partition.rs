@@ -1,0 +1,393 @@
+//! The isolated cpuset partition (`isolation: {partition: isolated}`) on a fixture host whose
+//! cgroup tree behaves like the kernel's (tests/cgroup_kernel): the layout is built in
+//! post-start with every thread where it belongs, several VMs compose `qemu.slice`'s exclusive
+//! CPUs and stop in every order without invalidating one another, a failure at any step and
+//! an invalid partition leave the tree as it was, and post-stop after systemd removed the
+//! scope gives back exactly the tree from before. The real kernels: the lab's scenario
+//! 50-isolation-partition.sh.
+
+mod cgroup_kernel;
+mod fixture;
+
+use cgroup_kernel::CgroupKernel;
+use fixture::{host_copy, read, snapshot, write};
+use pvetune::cpuset::CpuSet;
+use pvetune::hook::{Env, run_hook_with};
+use pvetune::host::{FailAt, Host};
+use pvetune::plan::Phase;
+use pvetune::root::Root;
+use pvetune::state::Store;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The VMs on the two-socket Xeon fixture (32 CPUs; siblings are N and N+16): each takes four
+/// cores with their siblings, CPUs 0-3,16-19 stay the host's.
+const VMS: [(u32, &str); 3] = [
+    (100, "8-11,24-27"),
+    (101, "12-15,28-31"),
+    (102, "4-7,20-23"),
+];
+const ALL: &str = "0-31";
+
+fn set(s: &str) -> CpuSet {
+    s.parse().unwrap()
+}
+
+struct Lab {
+    dir: fixture::Root,
+    kernel: CgroupKernel,
+    env: Env,
+}
+
+impl Lab {
+    fn new(kernel_release: &str) -> Lab {
+        let dir = host_copy("xeon-2s");
+        write(
+            &dir.path,
+            "/proc/sys/kernel/osrelease",
+            &format!("{kernel_release}\n"),
+        );
+        let kernel = CgroupKernel::new(&dir.path, &set(ALL));
+        let env = Env {
+            root: Root::new(dir.path.clone()),
+            profile: None,
+        };
+        for (vmid, cpus) in VMS {
+            write(
+                &dir.path,
+                &format!("/etc/pve/pvetune/{vmid}.yaml"),
+                &format!("cpus: {cpus}\nvcpus: sequential\nisolation:\n  partition: isolated\n"),
+            );
+            write(
+                &dir.path,
+                &format!("/etc/pve/qemu-server/{vmid}.conf"),
+                "cores: 4\nmemory: 512\n",
+            );
+        }
+        Lab { dir, kernel, env }
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir.path
+    }
+
+    fn hook(&self, host: &impl Host, vmid: u32, phase: Phase) -> Result<String, String> {
+        let store = Store::new(&self.env.root);
+        run_hook_with(&self.env, host, &store, vmid, phase).map_err(|e| format!("{e:#}"))
+    }
+
+    fn pid(vmid: u32) -> i32 {
+        vmid as i32 * 100
+    }
+
+    /// What qemu-server and systemd do between pre-start and post-start: the scope, then QEMU
+    /// in it with four vCPU threads, a main thread and a worker.
+    fn qemu_starts(&self, vmid: u32) {
+        let scope = format!("qemu.slice/{vmid}.scope");
+        self.kernel
+            .mkdir(&self.path().join("sys/fs/cgroup").join(&scope))
+            .unwrap();
+        let pid = Self::pid(vmid);
+        let pidfile = format!("/var/run/qemu-server/{vmid}.pid");
+        write(self.path(), &pidfile, &format!("{pid}\n"));
+        let names = [
+            "kvm",
+            "CPU 0/KVM",
+            "CPU 1/KVM",
+            "CPU 2/KVM",
+            "CPU 3/KVM",
+            "worker",
+        ];
+        let threads: Vec<(i32, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (pid + i as i32, *n))
+            .collect();
+        let id = vmid.to_string();
+        let cmdline = ["/usr/bin/kvm", "-id", &id, "-pidfile", &pidfile];
+        self.kernel.spawn(pid, &cmdline, &threads, &scope);
+        let vcpus: Vec<(u32, i32)> = (0..4).map(|i| (i, pid + 1 + i as i32)).collect();
+        fixture::fake_qmp_vcpus(self.path(), vmid, &vcpus);
+    }
+
+    fn start(&self, vmid: u32) {
+        self.hook(&self.kernel, vmid, Phase::PreStart)
+            .expect("pre-start");
+        self.qemu_starts(vmid);
+        self.hook(&self.kernel, vmid, Phase::PostStart)
+            .expect("post-start");
+    }
+
+    /// QEMU exits, systemd trims the scope (or not: `trim`), then post-stop.
+    fn stop(&self, vmid: u32, trim: bool) {
+        self.kernel.exit(Self::pid(vmid));
+        if trim {
+            self.kernel.trim(&format!("qemu.slice/{vmid}.scope"));
+        }
+        self.hook(&self.kernel, vmid, Phase::PostStop)
+            .expect("post-stop");
+    }
+
+    fn cgroups(&self) -> BTreeMap<String, Vec<u8>> {
+        snapshot(&self.path().join("sys/fs/cgroup"))
+    }
+
+    /// VM `vmid` is isolated: its partition valid, its vCPU threads alone in it and pinned
+    /// inside it, its other threads in the scope on housekeeping CPUs.
+    fn assert_isolated(&self, vmid: u32, cpus: &str, running: &[u32]) {
+        let scope = format!("qemu.slice/{vmid}.scope");
+        let vcpus = format!("{scope}/vcpus");
+        assert_eq!(self.kernel.partition_of(&vcpus), "isolated", "VM {vmid}");
+        let pid = Self::pid(vmid);
+        for i in 0..4 {
+            let tid = pid + 1 + i;
+            assert_eq!(self.kernel.cgroup_of(tid).as_deref(), Some(vcpus.as_str()));
+            let cpu = set(cpus).iter().nth(i as usize).unwrap();
+            assert_eq!(
+                self.kernel.get_affinity(tid).unwrap(),
+                CpuSet::range(cpu, cpu)
+            );
+        }
+        let taken = running
+            .iter()
+            .map(|v| VMS.iter().find(|(id, _)| id == v).unwrap().1)
+            .fold(CpuSet::new(), |acc, c| acc.union(&set(c)));
+        for tid in [pid, pid + 5] {
+            assert_eq!(self.kernel.cgroup_of(tid).as_deref(), Some(scope.as_str()));
+            let aff = self.kernel.get_affinity(tid).unwrap();
+            assert!(
+                aff.intersection(&taken).is_empty(),
+                "emulator thread {tid} on {aff}"
+            );
+        }
+        // Host slices lose every partition's CPUs by themselves.
+        assert_eq!(
+            self.kernel.effective_of("system.slice"),
+            set(ALL).difference(&taken)
+        );
+        let exclusive = read(
+            self.path(),
+            "/sys/fs/cgroup/qemu.slice/cpuset.cpus.exclusive",
+        );
+        assert_eq!(
+            set(exclusive.trim()),
+            taken,
+            "qemu.slice holds every running VM's CPUs"
+        );
+    }
+}
+
+#[test]
+fn one_vm_gets_an_isolated_partition_and_gives_back_the_tree() {
+    let lab = Lab::new("6.14.8-2-pve");
+    let before = lab.cgroups();
+    lab.start(100);
+    lab.assert_isolated(100, VMS[0].1, &[100]);
+    let root = read(lab.path(), "/sys/fs/cgroup/cgroup.subtree_control");
+    assert!(root.split_whitespace().any(|w| w == "cpuset"), "{root}");
+    let pin = read(
+        lab.path(),
+        "/sys/fs/cgroup/qemu.slice/100.scope/vcpus/cgroup.subtree_control",
+    );
+    assert_eq!(
+        pin.trim(),
+        "cpuset",
+        "the pin against systemd 252's daemon-reload"
+    );
+    lab.stop(100, true);
+    assert_eq!(
+        lab.cgroups(),
+        before,
+        "post-stop gives back the cgroup tree byte for byte"
+    );
+    assert!(Store::new(&lab.env.root).load().unwrap().is_empty());
+}
+
+#[test]
+fn rollback_of_a_running_vm_takes_its_threads_out_of_the_partition_first() {
+    let lab = Lab::new("7.0.13+deb13-cloud-amd64");
+    lab.start(100);
+    let store = Store::new(&lab.env.root);
+    let mut state = store.load().unwrap();
+    let out = pvetune::hook::rollback_vm(&lab.env, &lab.kernel, &store, &mut state, 100);
+    assert!(out.is_ok(), "{out:?}");
+    assert!(
+        !lab.path()
+            .join("sys/fs/cgroup/qemu.slice/100.scope/vcpus")
+            .exists()
+    );
+    for tid in 10000..10006 {
+        assert_eq!(
+            lab.kernel.cgroup_of(tid).as_deref(),
+            Some("qemu.slice/100.scope")
+        );
+        assert_eq!(
+            lab.kernel.get_affinity(tid).unwrap(),
+            set(ALL),
+            "thread {tid}"
+        );
+    }
+}
+
+fn permutations(items: &[u32]) -> Vec<Vec<u32>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut out = Vec::new();
+    for (i, &first) in items.iter().enumerate() {
+        let mut rest = items.to_vec();
+        rest.remove(i);
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first);
+            out.push(tail);
+        }
+    }
+    out
+}
+
+#[test]
+fn three_isolated_vms_stop_in_every_order_without_invalidating_the_others() {
+    // One host for all orders: each ends with the tree it started from.
+    let lab = Lab::new("6.17.13+deb13-cloud-amd64");
+    let before = lab.cgroups();
+    for order in permutations(&[100, 101, 102]) {
+        let mut running = vec![];
+        for (vmid, cpus) in VMS {
+            lab.start(vmid);
+            running.push(vmid);
+            for &v in &running {
+                let cpus_of = VMS.iter().find(|(id, _)| *id == v).unwrap().1;
+                lab.assert_isolated(v, cpus_of, &running);
+            }
+            let _ = cpus;
+        }
+        for (i, &vmid) in order.iter().enumerate() {
+            // Every other stop leaves the scope to post-stop (busybox hosts, a slow systemd).
+            lab.stop(vmid, i % 2 == 0);
+            if i % 2 != 0 {
+                lab.kernel.trim(&format!("qemu.slice/{vmid}.scope"));
+            }
+            running.retain(|v| *v != vmid);
+            for &v in &running {
+                let cpus_of = VMS.iter().find(|(id, _)| *id == v).unwrap().1;
+                lab.assert_isolated(v, cpus_of, &running);
+            }
+        }
+        assert_eq!(lab.cgroups(), before, "stop order {order:?}");
+    }
+}
+
+#[test]
+fn a_failure_at_any_step_of_post_start_leaves_the_tree_as_it_was() {
+    let mut failed_at = 0;
+    // One host for every try: each failure must leave it exactly as it was for the next.
+    let lab = Lab::new("6.14.8-2-pve");
+    lab.hook(&lab.kernel, 100, Phase::PreStart).unwrap();
+    lab.qemu_starts(100);
+    let before = lab.cgroups();
+    let affinities: Vec<CpuSet> = (10000..10006)
+        .map(|t| lab.kernel.get_affinity(t).unwrap())
+        .collect();
+    for n in 1.. {
+        let host = FailAt::new(&lab.kernel, n);
+        match lab.hook(&host, 100, Phase::PostStart) {
+            Ok(_) => break,
+            Err(e) => {
+                failed_at = n;
+                assert!(e.contains("EIO") || e.contains("Input/output"), "{e}");
+            }
+        }
+        assert_eq!(lab.cgroups(), before, "failure at change {n}");
+        let now: Vec<CpuSet> = (10000..10006)
+            .map(|t| lab.kernel.get_affinity(t).unwrap())
+            .collect();
+        assert_eq!(
+            now, affinities,
+            "thread affinities after a failure at change {n}"
+        );
+    }
+    // Controllers (3), exclusive chain (3), mkdir and its type (2), the pin, the partition,
+    // four moves, then the pins: every one of them was made to fail once.
+    assert!(failed_at >= 14, "only {failed_at} changes were tried");
+}
+
+#[test]
+fn an_invalid_partition_fails_post_start_with_the_kernels_reason_and_is_undone() {
+    let lab = Lab::new("6.14.8-2-pve");
+    lab.hook(&lab.kernel, 100, Phase::PreStart).unwrap();
+    lab.qemu_starts(100);
+    let before = lab.cgroups();
+    *lab.kernel.refuse_partition.borrow_mut() =
+        Some("partition config conflicts with housekeeping setup".into());
+    let err = lab.hook(&lab.kernel, 100, Phase::PostStart).unwrap_err();
+    assert!(
+        err.contains("isolated invalid (partition config conflicts with housekeeping setup)"),
+        "{err}"
+    );
+    assert_eq!(lab.cgroups(), before);
+}
+
+#[test]
+fn check_refuses_kernels_that_cannot_and_placements_that_would_break_the_partition() {
+    let lab = Lab::new("6.8.12-4-pve");
+    let check = |vmid: u32| pvetune::hook::check(&lab.env, vmid).map_err(|e| format!("{e:#}"));
+    let err = check(100).unwrap_err();
+    assert!(
+        err.contains("kernel 6.8.12-4-pve") && err.contains("cpuset.cpus"),
+        "{err}"
+    );
+    write(lab.path(), "/proc/sys/kernel/osrelease", "6.14.8-2-pve\n");
+    assert!(check(100).is_ok());
+    std::fs::remove_file(lab.path().join("sys/fs/cgroup/cpuset.cpus.isolated")).unwrap();
+    let err = check(100).unwrap_err();
+    assert!(err.contains("remote partitions"), "{err}");
+    write(lab.path(), "/sys/fs/cgroup/cpuset.cpus.isolated", "\n");
+    write(
+        lab.path(),
+        "/etc/pve/pvetune/100.yaml",
+        "cpus: 8-11,24-27\nemulator: vm\nisolation:\n  partition: isolated\n",
+    );
+    let err = check(100).unwrap_err();
+    assert!(
+        err.contains("emulator") && err.contains("outside its partition"),
+        "{err}"
+    );
+    write(
+        lab.path(),
+        "/etc/pve/pvetune/100.yaml",
+        "cpus: 0-31\nisolation:\n  partition: isolated\n",
+    );
+    let err = check(100).unwrap_err();
+    assert!(
+        err.contains("outside every partition") || err.contains("no housekeeping CPU left"),
+        "{err}"
+    );
+    write(
+        lab.path(),
+        "/etc/pve/pvetune/100.yaml",
+        "cpus: 8-11\nisolation:\n  partition: root\n",
+    );
+    let err = check(100).unwrap_err();
+    assert!(err.contains("line 3") || err.contains(":3:"), "{err}");
+}
+
+#[test]
+fn plan_shows_the_layout_before_anything_changes() {
+    let lab = Lab::new("6.14.8-2-pve");
+    let before = lab.cgroups();
+    let out = pvetune::report::render_plan(&lab.env, &lab.kernel, 100, &[Phase::PostStart])
+        .unwrap()
+        .join("\n");
+    for want in [
+        "/sys/fs/cgroup/cgroup.subtree_control: memory pids -> memory pids cpuset",
+        "/sys/fs/cgroup/qemu.slice/cpuset.cpus.exclusive: (empty) -> 8-11,24-27",
+        "/sys/fs/cgroup/qemu.slice/cgroup.subtree_control: (empty) -> cpuset",
+        "/sys/fs/cgroup/qemu.slice/100.scope/vcpus: absent -> threaded",
+        "/sys/fs/cgroup/qemu.slice/100.scope/vcpus/cpuset.cpus.partition: (empty) -> isolated",
+        "check /sys/fs/cgroup/qemu.slice/100.scope/vcpus/cpuset.cpus.partition reads 'isolated' (not there yet)",
+        "vCPU threads (not running): - -> /sys/fs/cgroup/qemu.slice/100.scope/vcpus",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    assert_eq!(lab.cgroups(), before, "plan changes nothing");
+}
