@@ -21,6 +21,13 @@ const FIRST_READ: usize = 4096;
 /// many records (`/proc/<pid>/maps`, `cgroup.procs`): the kernel hands those out a page of
 /// whole records at a time, so a short read can come before the end.
 pub fn read(path: &Path) -> io::Result<String> {
+    read_at_most(path, usize::MAX)
+}
+
+/// [`read`] for a file whose length the kernel bounds (`/proc/<pid>/stat`, a cpumask): one
+/// longer than `limit` bytes is refused with `InvalidData` after reading at most `limit + 1`
+/// of them, so a file that is not what it should be costs neither time nor memory.
+pub fn read_at_most(path: &Path, limit: usize) -> io::Result<String> {
     let mut file = File::open(path)?;
     let mut buf = vec![0; FIRST_READ];
     let n = loop {
@@ -31,7 +38,14 @@ pub fn read(path: &Path) -> io::Result<String> {
     };
     buf.truncate(n);
     if n == FIRST_READ {
-        file.read_to_end(&mut buf)?;
+        let more = limit.saturating_sub(n).saturating_add(1);
+        (&mut file).take(more as u64).read_to_end(&mut buf)?;
+    }
+    if buf.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("longer than {limit} bytes"),
+        ));
     }
     String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
@@ -96,6 +110,29 @@ mod tests {
             let path = Path::new(path);
             if let Ok(want) = std::fs::read_to_string(path) {
                 assert_eq!(read(path).unwrap(), want, "{}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_longer_than_its_limit() {
+        let dir = Dir::new("limit");
+        for (len, limit, ok) in [
+            (10, 10, true),
+            (11, 10, false),
+            (FIRST_READ, FIRST_READ, true),
+            (FIRST_READ + 1, FIRST_READ, false),
+            (3 * FIRST_READ, 3 * FIRST_READ, true),
+            (3 * FIRST_READ, 2 * FIRST_READ, false),
+        ] {
+            let path = dir.join(&format!("len{len}-{limit}"));
+            std::fs::write(&path, "x".repeat(len)).unwrap();
+            match read_at_most(&path, limit) {
+                Ok(text) => assert!(ok && text.len() == len, "{len} bytes, limit {limit}"),
+                Err(e) => assert!(
+                    !ok && e.kind() == io::ErrorKind::InvalidData,
+                    "{len} bytes, limit {limit}: {e}"
+                ),
             }
         }
     }

@@ -46,14 +46,7 @@ impl Irqs {
     /// and one torn down before its turn is counted as gone when it is applied, so no check
     /// per IRQ here (thousands of them, inside `qm start`).
     pub fn read(root: &Root) -> Irqs {
-        let mut numbers: Vec<u32> = std::fs::read_dir(root.path(IRQ_DIR))
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| canonical_number(&e.file_name().to_string_lossy()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut numbers: Vec<u32> = numbered_entries(&root.path(IRQ_DIR)).collect();
         numbers.sort_unstable();
         Irqs {
             numbers,
@@ -65,14 +58,21 @@ impl Irqs {
 
 /// The first process whose `comm` is `name` (one listing of /proc, one small read per process).
 fn find_process(root: &Root, name: &str) -> Option<u32> {
-    std::fs::read_dir(root.path("/proc"))
-        .ok()?
+    numbered_entries(&root.path(paths::PROC)).find(|pid| {
+        crate::attr::read(&root.path(format!("{}/{pid}/comm", paths::PROC)))
+            .is_ok_and(|comm| comm.trim_end() == name)
+    })
+}
+
+/// The entries of `dir` named by a [`canonical_number`] (`/proc/<pid>`, `/proc/irq/<n>`), in
+/// directory order: none if `dir` cannot be listed, and an entry that cannot be read is left
+/// out (one listing, no other system call).
+pub(crate) fn numbered_entries(dir: &Path) -> impl Iterator<Item = u32> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok())
         .filter_map(|e| canonical_number(&e.file_name().to_string_lossy()))
-        .find(|pid| {
-            crate::attr::read(&root.path(format!("/proc/{pid}/comm")))
-                .is_ok_and(|comm| comm.trim_end() == name)
-        })
 }
 
 /// `42`, not `042`, `+42` or `4 2`: a name that is a number exactly as the kernel prints it.

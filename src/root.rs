@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 /// Host paths pvetune knows, as named constants (host-absolute, before the root prefix).
 pub mod paths {
     pub const CPU_DIR: &str = "/sys/devices/system/cpu";
+    pub const PROC: &str = "/proc";
     pub const PROC_SYS: &str = "/proc/sys";
     pub const STATE_DIR: &str = "/run/pvetune";
     pub const PVE_PROFILE_DIR: &str = "/etc/pve/pvetune";

@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use crate::procstat::Stat;
 use crate::qmp::{Qmp, QmpError};
 
 /// Where qemu-server keeps a running VM's pidfile and sockets, relative to the host root.
@@ -135,11 +136,7 @@ pub fn read_pid(root: &Path, vmid: u32) -> Result<Option<i32>, VmError> {
 
 /// Field 22 of `/proc/<pid>/stat`, or `None` if the process is gone or the file is odd.
 pub fn process_start_time(root: &Path, pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_dir(root, pid).join("stat")).ok()?;
-    // Field 2 is `(comm)`, and comm may hold spaces and ')': the fields resume after the last
-    // ')'. Field 3 is then the first one, so field 22 is the 20th.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    Stat::read(&proc_dir(root, pid).join("stat"))?.start_time()
 }
 
 /// Finds VM `vmid`'s QEMU process and its threads; `None` when the VM does not run.
