@@ -15,6 +15,7 @@ pub mod exec;
 pub mod facts;
 pub mod hook;
 pub mod host;
+pub mod irqbalance;
 pub mod pci;
 pub mod plan;
 pub mod profile;
