@@ -5,8 +5,9 @@
 //! it bans only what it detects (`cputree.c` `setup_banned_cpus`: `IRQBALANCE_BANNED_CPUS` (a
 //! mask), else `IRQBALANCE_BANNED_CPULIST`, else `/sys/devices/system/cpu/isolated` ∪
 //! `nohz_full`), at start and at each rescan. What follows was read in irqbalance's source,
-//! tags v1.9.2 (Debian bookworm), v1.9.4 (trixie) and master of 2026-03 (the same protocol in
-//! all three; `irqbalance.c` `init_socket` and `sock_handle`, `ui/irqbalance-ui.c`):
+//! tags v1.9.2 (Debian bookworm), v1.9.4 (trixie), v1.9.5 and master of 2026-03 (the same
+//! commands and replies in all; where they differ is said; `irqbalance.c` `init_socket` and
+//! `sock_handle`, `ui/irqbalance-ui.c`):
 //!
 //! - **Socket**: a stream socket bound at `SOCKET_TMPFS "/" SOCKET_PATH "<pid>.sock"`, i.e.
 //!   `/run/irqbalance/irqbalance<pid>.sock` (`irqbalance.h`; the unit's
