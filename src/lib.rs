@@ -16,6 +16,7 @@ pub mod exec;
 pub mod facts;
 pub mod hook;
 pub mod host;
+pub mod irqbalance;
 pub mod kthreads;
 pub mod pci;
 pub mod plan;
