@@ -220,7 +220,16 @@ fn run_phase<H: Host>(
             record.pid = Some(running.pid);
             record.start_time = Some(running.start_time);
             record.phase = phase.to_string();
-            execute(env, host, store, state, (vmid, record), phase, &plan)
+            let mut done = execute(env, host, store, state, (vmid, record), phase, &plan)?;
+            // What the kernel did by itself, in the hook's output (qemu-server's task log).
+            if loaded.profile.isolation.verify_kthreads() {
+                let cpus = &loaded.profile.cpus.value;
+                for (holds, line) in crate::tunables::partition::verify(&env.root, cpus) {
+                    let mark = if holds { "" } else { "warning: " };
+                    done.push_str(&format!("\npvetune: VM {vmid} {phase}: {mark}{line}"));
+                }
+            }
+            Ok(done)
         }
     }
 }

@@ -42,6 +42,16 @@ pub struct Isolation {
     /// `partition: isolated`: the vCPU threads in an isolated cpuset partition of `cpus`
     /// (where in the profile, for errors).
     pub partition: Option<Located<()>>,
+    /// `kthreads: true`: verify after post-start that no movable kernel thread is left on
+    /// `cpus` (the kernel moves them off an isolated partition; pvetune never pins them).
+    pub kthreads: Option<Located<bool>>,
+}
+
+impl Isolation {
+    /// `kthreads: true`.
+    pub fn verify_kthreads(&self) -> bool {
+        self.kthreads.as_ref().is_some_and(|k| k.value)
+    }
 }
 
 /// A value with the place in the profile it came from, for error messages.
@@ -108,15 +118,8 @@ pub enum ProfileError {
 
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
 /// profile using them is refused with a clear message instead of being half-applied. The
-/// first three are keys of `isolation:`.
-const PLANNED_KEYS: &[&str] = &[
-    "kthreads",
-    "cpu-cycle",
-    "irqbalance",
-    "irq",
-    "hugepages",
-    "pci-reset",
-];
+/// first two are keys of `isolation:`.
+const PLANNED_KEYS: &[&str] = &["cpu-cycle", "irqbalance", "irq", "hugepages", "pci-reset"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -135,6 +138,7 @@ struct RawProfile {
 struct RawIsolation {
     irqs: Option<bool>,
     partition: Option<Spanned<String>>,
+    kthreads: Option<Spanned<bool>>,
 }
 
 /// `vcpus:` is a mode word or a list of CPU numbers.
@@ -325,6 +329,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     let raw_isolation = raw.isolation.unwrap_or(RawIsolation {
         irqs: None,
         partition: None,
+        kthreads: None,
     });
     let partition = match &raw_isolation.partition {
         None => None,
@@ -344,6 +349,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     let isolation = Isolation {
         irqs: raw_isolation.irqs.unwrap_or(false),
         partition,
+        kthreads: raw_isolation
+            .kthreads
+            .as_ref()
+            .map(|k| located(k.value, at(k))),
     };
     Ok(Profile {
         path: path.to_path_buf(),

@@ -365,6 +365,16 @@ fn check_refuses_kernels_that_cannot_and_placements_that_would_break_the_partiti
     write(
         lab.path(),
         "/etc/pve/pvetune/100.yaml",
+        "cpus: 8-11\nisolation:\n  kthreads: true\n",
+    );
+    let err = check(100).unwrap_err();
+    assert!(
+        err.contains("isolation.kthreads") && err.contains("needs isolation.partition"),
+        "{err}"
+    );
+    write(
+        lab.path(),
+        "/etc/pve/pvetune/100.yaml",
         "cpus: 8-11\nisolation:\n  partition: root\n",
     );
     let err = check(100).unwrap_err();

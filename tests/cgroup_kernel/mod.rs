@@ -55,6 +55,8 @@ impl CgroupKernel {
             refuse_partition: RefCell::default(),
         };
         let root = k.dir("");
+        // The fixture's static tree is replaced by this live one.
+        let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
         put(
             &root,
