@@ -27,25 +27,6 @@ check_irqs_off() {
 	[ -z "$bad" ] && ok "every movable IRQ off $cpus" || fail "IRQs still on $cpus:$bad"
 }
 
-# overlaps <cpulist> <cpulist>: true when they share a CPU (lists of the 8-CPU guest).
-overlaps() {
-	local a b
-	a=$(expand "$1") b=$(expand "$2")
-	for c in $a; do case " $b " in *" $c "*) return 0 ;; esac; done
-	return 1
-}
-
-expand() {
-	local part out=""
-	for part in ${1//,/ }; do
-		case "$part" in
-		*-*) out="$out $(seq ${part%-*} ${part#*-} | tr '\n' ' ')" ;;
-		*) out="$out $part" ;;
-		esac
-	done
-	echo $out
-}
-
 # irqs_of <snapshot>: its IRQ section (the default affinity and every IRQ's), the state this
 # scenario changes. (systemd leaves qemu.slice behind after the first VM: not ours to compare.)
 irqs_of() {
