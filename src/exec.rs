@@ -103,6 +103,8 @@ enum Intent {
     },
     /// Fail unless `path` reads `value`.
     Expect { path: String, value: String },
+    /// Write `0`, then `1`, to a CPU's `online` (claimed as `1` beforehand).
+    Cycle { path: String },
     Pin {
         thread: ThreadRef,
         tid: i32,
@@ -320,6 +322,19 @@ impl<'a, H: Host> Executor<'a, H> {
                     path: path.clone(),
                     value: value.clone(),
                 }),
+                Action::Cycle { path } => {
+                    let planned = (&claims, &seq);
+                    let found =
+                        self.claim_intent(path, "1".into(), None, false, planned, applied)?;
+                    if let Some((claim, _)) = found {
+                        changes.push(Change::Claim {
+                            path: path.clone(),
+                            claim: Some(claim.clone()),
+                        });
+                        claims.insert(path, claim);
+                    }
+                    intents.push(Intent::Cycle { path: path.clone() });
+                }
                 Action::Barrier => {}
                 Action::Pin { thread, cpus } => {
                     let Some(tid) = thread.tid else {
@@ -463,6 +478,12 @@ impl<'a, H: Host> Executor<'a, H> {
                     }),
                 }
             }
+            Intent::Cycle { path } => {
+                // The CPU must end online whatever fails: the undo writes 1 again.
+                self.write_if_different(path, "1", "0")?;
+                self.write_if_different(path, "0", "1")?;
+                Ok(Some(true))
+            }
             Intent::Expect { path, value } => {
                 let got = self.read(path)?;
                 if same_value(&got, value) {
@@ -539,6 +560,17 @@ impl<'a, H: Host> Executor<'a, H> {
                         log::error!(
                             "undo after failure: cannot move thread {tid} back to {from}: {e}"
                         );
+                    }
+                    continue;
+                }
+                Intent::Cycle { path } => {
+                    // Online again, whatever the cycle got to (its claim stays for rollback
+                    // if even that fails).
+                    if let Err(e) = self
+                        .read(path)
+                        .and_then(|now| self.write_if_different(path, &now, "1"))
+                    {
+                        log::error!("undo after failure: {e}");
                     }
                     continue;
                 }

@@ -66,6 +66,11 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         profile.sysctl.iter().map(|(name, _)| name.as_str()),
         profile.isolation.irqs,
         profile.isolation.partition.is_some(),
+        profile
+            .isolation
+            .cpu_cycle
+            .as_ref()
+            .is_some_and(|c| c.value),
     );
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {

@@ -45,6 +45,9 @@ pub struct Isolation {
     /// `kthreads: true`: verify after post-start that no movable kernel thread is left on
     /// `cpus` (the kernel moves them off an isolated partition; pvetune never pins them).
     pub kthreads: Option<Located<bool>>,
+    /// `cpu-cycle: true`: each of `cpus` offline and online again before the partition and
+    /// the pins (post-start).
+    pub cpu_cycle: Option<Located<bool>>,
 }
 
 impl Isolation {
@@ -118,8 +121,8 @@ pub enum ProfileError {
 
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
 /// profile using them is refused with a clear message instead of being half-applied. The
-/// first two are keys of `isolation:`.
-const PLANNED_KEYS: &[&str] = &["cpu-cycle", "irqbalance", "irq", "hugepages", "pci-reset"];
+/// first is a key of `isolation:`.
+const PLANNED_KEYS: &[&str] = &["irqbalance", "irq", "hugepages", "pci-reset"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -139,6 +142,7 @@ struct RawIsolation {
     irqs: Option<bool>,
     partition: Option<Spanned<String>>,
     kthreads: Option<Spanned<bool>>,
+    cpu_cycle: Option<Spanned<bool>>,
 }
 
 /// `vcpus:` is a mode word or a list of CPU numbers.
@@ -330,6 +334,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         irqs: None,
         partition: None,
         kthreads: None,
+        cpu_cycle: None,
     });
     let partition = match &raw_isolation.partition {
         None => None,
@@ -353,6 +358,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
             .kthreads
             .as_ref()
             .map(|k| located(k.value, at(k))),
+        cpu_cycle: raw_isolation
+            .cpu_cycle
+            .as_ref()
+            .map(|c| located(c.value, at(c))),
     };
     Ok(Profile {
         path: path.to_path_buf(),

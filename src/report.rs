@@ -53,7 +53,8 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
             Action::Write { path, .. }
             | Action::Exclude { path, .. }
             | Action::Include { path, .. }
-            | Action::Enable { path, .. } => read(path),
+            | Action::Enable { path, .. }
+            | Action::Cycle { path } => read(path),
             Action::Barrier => continue,
             Action::Expect { path, value } => {
                 let now = match read(path) {

@@ -13,6 +13,8 @@
 //! `comm`, `stat`, `cgroup` files) and a row per thread here; nothing real is touched.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use pvetune::cpuset::CpuSet;
 use pvetune::host::Host;
 use std::cell::RefCell;
