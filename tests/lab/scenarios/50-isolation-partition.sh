@@ -2,8 +2,9 @@
 # partition holding only its vCPU threads (layout: docs/design.md); the host's slices, another
 # VM's scope, kthreads and unbound workqueues leave those CPUs by themselves; the partition
 # survives daemon-reload and set-property (systemd); rollback of a running VM, two VMs stopped
-# in both orders, a failure in the middle of the partition step and kill -9 at random points
-# all end with the kernel state from before, byte for byte.
+# in both orders, a failure in the middle of the partition step, kill -9 at random points and
+# a VM whose CPUs are cycled offline and online first all end with the kernel state from
+# before, byte for byte.
 # timeout: 420
 . /lab/guest/lib.sh
 
@@ -214,6 +215,34 @@ for first in 151 152; do
 	snapshot /tmp/part-after
 	check_same "both VMs stopped ($first first): everything as before" /tmp/part-idle /tmp/part-after
 done
+
+# --- cpu-cycle: the VM's CPUs offline and online again before the partition ----------------
+LAB_VM_SMP=4,sockets=1,cores=2,threads=2
+vmid=153
+vm_config $vmid
+profile $vmid "cpus: 4-7
+vcpus: sequential
+isolation:
+  irqs: true
+  partition: isolated
+  cpu-cycle: true"
+pvetune $vmid pre-start > /tmp/part-cycle-pre.out 2>&1
+check_eq "pre-start $vmid (cpu-cycle) exit" 0 $?
+vm_start $vmid || die "QEMU did not start"
+check_rc "post-start $vmid (cpu-cycle)" 0 pvetune -q $vmid post-start
+check_eq "every CPU online after the cycle" 0-7 "$(val /sys/devices/system/cpu/online)"
+check_isolated $vmid 4-7 4 5 6 7
+bad=""
+for dir in /proc/irq/[0-9]*; do
+	read -r list < $dir/smp_affinity_list
+	# IRQs the kernel refuses to move (IRQ 0, per-CPU ones) are named in pre-start's summary.
+	overlaps "$list" 4-7 && ! grep -q "IRQ ${dir##*/} (E" /tmp/part-cycle-pre.out &&
+		bad="$bad ${dir##*/}($list)"
+done
+check_eq "movable IRQs on the VM's CPUs after the cycle" "" "$bad"
+stop $vmid
+snapshot /tmp/part-after
+check_same "cpu-cycle VM stopped: everything as before" /tmp/part-idle /tmp/part-after
 
 # --- what systemd does all day on a Proxmox host -------------------------------------------
 # Last, and compared with nothing after: set-property CPUWeight makes systemd switch the cpu
