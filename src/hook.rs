@@ -283,6 +283,19 @@ fn execute<H: Host>(
     let applied = exec.apply(&plan.steps);
     *state = exec.state;
     let applied = applied.map_err(|source| Error::Apply { phase, source })?;
+    if !applied.refused.is_empty()
+        && let Some(mut record) = state.vms.get(&vmid).cloned()
+    {
+        // For `status`: which IRQs stayed where they were, and why.
+        record.refused = applied.refused.clone();
+        let change = Change::Vm {
+            vmid,
+            record: Some(record),
+        };
+        if let Err(e) = store.append(state, &[change]) {
+            log::warn!("ledger: the refused IRQs are not recorded for status: {e}");
+        }
+    }
     Ok(summary(vmid, phase, &applied, plan.skipped.len()))
 }
 

@@ -139,6 +139,10 @@ pub struct VmRecord {
     /// The last phase that ran for this VM.
     pub phase: String,
     pub pins: Vec<PinRecord>,
+    /// Files the kernel refused to change for this VM (managed IRQs), with the errno, as the
+    /// last phase found them: for `status`, nothing to undo.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<(String, String)>,
     #[serde(flatten)]
     pub extra: Extra,
 }

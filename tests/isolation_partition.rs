@@ -33,6 +33,26 @@ fn one_vm_gets_an_isolated_partition_and_gives_back_the_tree() {
         "cpuset",
         "the pin against systemd 252's daemon-reload"
     );
+    let status = || {
+        pvetune::report::status(&lab.env, Some(100))
+            .unwrap()
+            .join("\n")
+    };
+    assert!(
+        status().contains("partition: isolated (valid)"),
+        "{}",
+        status()
+    );
+    // The kernel drops the partition (all its CPUs went offline and came back): status says so.
+    let file = "/sys/fs/cgroup/qemu.slice/100.scope/vcpus/cpuset.cpus.partition";
+    write(
+        lab.path(),
+        file,
+        "isolated invalid (No cpu available due to hotplug)\n",
+    );
+    let want = "partition: NOT VALID: the kernel reports 'isolated invalid (No cpu available due to hotplug)'";
+    assert!(status().contains(want), "{}", status());
+    write(lab.path(), file, "isolated\n");
     lab.stop(100, true);
     assert_eq!(
         lab.cgroups(),

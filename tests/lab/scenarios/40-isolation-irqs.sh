@@ -57,6 +57,7 @@ check_rc "post-start" 0 pvetune -q $vmid post-start
 pvetune status $vmid > /tmp/irq-status.out 2>&1
 cat /tmp/irq-status.out
 check_contains "status shows an IRQ's composed value" /tmp/irq-status.out "smp_affinity_list: 0-3 (original 0-7; CPUs 4-7 taken out)"
+check_contains "status names the IRQs the kernel refused" /tmp/irq-status.out "refused by the kernel, left as they are: /proc/irq/0 (EPERM)"
 check_rc "post-stop" 0 pvetune $vmid post-stop
 vm_stop $vmid || fail "QEMU did not stop"
 snapshot /tmp/irq-after
