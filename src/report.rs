@@ -221,13 +221,34 @@ fn isolation_summary(
             Err(e) => format!("  partition: gone ({e})"),
         });
     }
-    let moved = state
+    let held: Vec<&String> = state
         .claims
         .iter()
         .filter(|(p, c)| p.starts_with("/proc/irq/") && c.holder(vmid).is_some())
-        .count();
+        .map(|(p, _)| p)
+        .collect();
+    let moved = held.len();
+    // Where each IRQ really fires now (the kernel's choice inside the affinity, one CPU on x86).
+    let firing: Vec<String> = held
+        .iter()
+        .filter_map(|p| p.strip_suffix("/smp_affinity_list"))
+        .filter(|dir| {
+            RealHost
+                .read(&env.root.path(format!("{dir}/effective_affinity_list")))
+                .ok()
+                .and_then(|t| t.trim().parse::<crate::cpuset::CpuSet>().ok())
+                .is_some_and(|eff| !eff.intersection(&rec.cpus).is_empty())
+        })
+        .map(|dir| dir.to_string())
+        .collect();
     if moved > 0 || !rec.refused.is_empty() {
         let mut line = format!("  IRQs: {moved} held off the VM's CPUs");
+        if !firing.is_empty() {
+            line.push_str(&format!(
+                "; still firing on them (effective_affinity_list): {}",
+                firing.join(", ")
+            ));
+        }
         if !rec.refused.is_empty() {
             let names: Vec<String> = rec
                 .refused

@@ -159,6 +159,16 @@ fn two_isolated_vms_stopped_in_both_orders() {
             "{status}"
         );
         write(&root.path, irq9, "0-2,12-14\n");
+        // The kernel still fires an IRQ on a VM CPU (effective_affinity_list): status names it.
+        let eff = "/proc/irq/24/effective_affinity_list";
+        let was = fixture::read(&root.path, eff);
+        write(&root.path, eff, "4\n");
+        let status = stdout(&pvetune(&root.path, &["status", "101"]));
+        assert!(
+            status.contains("still firing on them (effective_affinity_list): /proc/irq/24"),
+            "{status}"
+        );
+        write(&root.path, eff, &was);
         let (first, second) = if order[0] == 0 {
             ((100, &mut a), (101, &mut b))
         } else {
