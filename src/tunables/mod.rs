@@ -3,6 +3,7 @@
 //! They say *what*; `exec` says *how*, once per primitive.
 
 pub mod governor;
+pub mod irqbalance;
 pub mod irqs;
 pub mod partition;
 pub mod pinning;
