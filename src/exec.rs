@@ -105,6 +105,8 @@ enum Intent {
     },
     /// Fail unless `path` reads `value`.
     Expect { path: String, value: String },
+    /// Write `0`, then `1`, to a CPU's `online` (claimed as `1` beforehand).
+    Cycle { path: String },
     Pin {
         thread: ThreadRef,
         tid: i32,
@@ -334,6 +336,19 @@ impl<'a, H: Host> Executor<'a, H> {
                     path: path.clone(),
                     value: value.clone(),
                 }),
+                Action::Cycle { path } => {
+                    let planned = (&claims, &seq);
+                    let found =
+                        self.claim_intent(path, "1".into(), None, false, planned, applied)?;
+                    if let Some((claim, _)) = found {
+                        changes.push(Change::Claim {
+                            path: path.clone(),
+                            claim: Some(claim.clone()),
+                        });
+                        claims.insert(path, claim);
+                    }
+                    intents.push(Intent::Cycle { path: path.clone() });
+                }
                 Action::Barrier => {}
                 Action::Pin { thread, cpus } => {
                     let Some(tid) = thread.tid else {
@@ -364,6 +379,10 @@ impl<'a, H: Host> Executor<'a, H> {
                             .as_ref()
                             .map_or_else(|| current.clone(), |p| p.old.clone()),
                         new: cpus.clone(),
+                        start_time: match &previous {
+                            Some(p) => p.start_time,
+                            None => thread.pid.and_then(|pid| self.thread_start(pid, tid)),
+                        },
                         extra: previous
                             .as_ref()
                             .map(|p| p.extra.clone())
@@ -477,6 +496,12 @@ impl<'a, H: Host> Executor<'a, H> {
                     }),
                 }
             }
+            Intent::Cycle { path } => {
+                // The CPU must end online whatever fails: the undo writes 1 again.
+                self.write_if_different(path, "1", "0")?;
+                self.write_if_different(path, "0", "1")?;
+                Ok(Some(true))
+            }
             Intent::Expect { path, value } => {
                 let got = self.read(path)?;
                 if same_value(&got, value) {
@@ -560,6 +585,17 @@ impl<'a, H: Host> Executor<'a, H> {
                     }
                     continue;
                 }
+                Intent::Cycle { path } => {
+                    // Online again, whatever the cycle got to (its claim stays for rollback
+                    // if even that fails).
+                    if let Err(e) = self
+                        .read(path)
+                        .and_then(|now| self.write_if_different(path, &now, "1"))
+                    {
+                        log::error!("undo after failure: {e}");
+                    }
+                    continue;
+                }
                 Intent::Move { .. } | Intent::Expect { .. } => continue,
                 Intent::Pin {
                     tid,
@@ -629,8 +665,10 @@ impl<'a, H: Host> Executor<'a, H> {
         if let Some(record) = self.state.vms.get(&self.vmid) {
             for pin in record.pins.iter().rev() {
                 // Threads of a QEMU that exited are gone, and their tids may belong to someone
-                // else now: only restore threads of the very process that was pinned.
-                if process_alive && let Err(e) = self.restore_affinity(pin.tid, &pin.old) {
+                // else now: only restore threads of the very process that was pinned, each
+                // proved to be the thread that was pinned.
+                let ours = process_alive && record.pid.is_none_or(|pid| self.still_ours(pid, pin));
+                if ours && let Err(e) = self.restore_affinity(pin.tid, &pin.old) {
                     errors.push(e);
                     continue;
                 }
@@ -716,6 +754,38 @@ impl<'a, H: Host> Executor<'a, H> {
             path: path.to_string(),
             claim: (!rest.holders.is_empty()).then_some(rest),
         }))
+    }
+
+    /// A thread's start time (field 22 of its stat), None when it is gone or unreadable.
+    fn thread_start(&self, pid: i32, tid: i32) -> Option<u64> {
+        let text = self
+            .host
+            .read(&self.root.path(format!("/proc/{pid}/task/{tid}/stat")))
+            .ok()?;
+        crate::procstat::Stat::parse(text)?.start_time()
+    }
+
+    /// Whether the ledger's pin still names the thread it pinned: the tid is listed under the
+    /// VM's QEMU process (whose pid and start time the caller has checked) and, when its own
+    /// start time was recorded, has that start time. A thread that fails is never touched;
+    /// its pin is dropped with a log line.
+    fn still_ours(&self, pid: i32, pin: &PinRecord) -> bool {
+        let now = self.thread_start(pid, pin.tid);
+        let ours = match (pin.start_time, now) {
+            (_, None) => false,
+            (Some(recorded), Some(now)) => recorded == now,
+            (None, Some(_)) => true,
+        };
+        if !ours {
+            log::warn!(
+                "VM {}: thread {} ({}) is no longer the thread of QEMU pid {pid} that was pinned \
+                 (exited, or its tid reused): left alone, its pin is dropped",
+                self.vmid,
+                pin.tid,
+                pin.label
+            );
+        }
+        ours
     }
 
     fn restore_affinity(&self, tid: i32, cpus: &CpuSet) -> Result<(), ExecError> {

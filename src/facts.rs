@@ -18,6 +18,9 @@ pub struct HostFacts {
     pub irqs: Option<Irqs>,
     /// The cgroup tree (read only when the profile asks for a partition).
     pub cgroup: Option<crate::cgroup::CgroupFacts>,
+    /// Which of the VM's CPUs have a `cpuN/online` file, i.e. can be taken offline (read only
+    /// when the profile cycles them).
+    pub hotplug: Option<std::collections::BTreeSet<u32>>,
 }
 
 /// `/proc/irq`: every IRQ that has an affinity file, and the default affinity.
@@ -104,6 +107,7 @@ impl HostFacts {
         sysctls: impl Iterator<Item = &'a str>,
         with_irqs: bool,
         with_cgroup: bool,
+        with_hotplug: bool,
     ) -> Self {
         let cpufreq = cpus
             .iter()
@@ -121,6 +125,11 @@ impl HostFacts {
             sysctls,
             irqs,
             cgroup: with_cgroup.then(|| crate::cgroup::CgroupFacts::read(root)),
+            hotplug: with_hotplug.then(|| {
+                cpus.iter()
+                    .filter(|&cpu| root.path(crate::tunables::cycle::online_path(cpu)).exists())
+                    .collect()
+            }),
         }
     }
 }

@@ -66,6 +66,11 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         profile.sysctl.iter().map(|(name, _)| name.as_str()),
         profile.isolation.irqs,
         profile.isolation.partition.is_some(),
+        profile
+            .isolation
+            .cpu_cycle
+            .as_ref()
+            .is_some_and(|c| c.value),
     );
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {
@@ -220,7 +225,16 @@ fn run_phase<H: Host>(
             record.pid = Some(running.pid);
             record.start_time = Some(running.start_time);
             record.phase = phase.to_string();
-            execute(env, host, store, state, (vmid, record), phase, &plan)
+            let mut done = execute(env, host, store, state, (vmid, record), phase, &plan)?;
+            // What the kernel did by itself, in the hook's output (qemu-server's task log).
+            if loaded.profile.isolation.verify_kthreads() {
+                let cpus = &loaded.profile.cpus.value;
+                for (holds, line) in crate::tunables::partition::verify(&env.root, cpus) {
+                    let mark = if holds { "" } else { "warning: " };
+                    done.push_str(&format!("\npvetune: VM {vmid} {phase}: {mark}{line}"));
+                }
+            }
+            Ok(done)
         }
     }
 }
@@ -269,6 +283,19 @@ fn execute<H: Host>(
     let applied = exec.apply(&plan.steps);
     *state = exec.state;
     let applied = applied.map_err(|source| Error::Apply { phase, source })?;
+    if !applied.refused.is_empty()
+        && let Some(mut record) = state.vms.get(&vmid).cloned()
+    {
+        // For `status`: which IRQs stayed where they were, and why.
+        record.refused = applied.refused.clone();
+        let change = Change::Vm {
+            vmid,
+            record: Some(record),
+        };
+        if let Err(e) = store.append(state, &[change]) {
+            log::warn!("ledger: the refused IRQs are not recorded for status: {e}");
+        }
+    }
     Ok(summary(vmid, phase, &applied, plan.skipped.len()))
 }
 

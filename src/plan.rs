@@ -117,6 +117,10 @@ pub enum Action {
     /// `cpuset.cpus.partition` and only says on reading it back that it made the partition
     /// invalid, and why.
     Expect { path: String, value: String },
+    /// Take a CPU offline and online again (`path`: its `cpuN/online`): the kernel moves its
+    /// timers, kernel threads and IRQs away. A claim on `online` with its original `1`, so a
+    /// crash between the two writes leaves a ledger whose undo brings the CPU back.
+    Cycle { path: String },
     /// The kernel makes files in answer to the steps before this one (a controller switched
     /// on creates the children's `cpuset.*` files, a cgroup comes with its own): the steps
     /// after it are read, recorded and made only once those before are made. A phase with
@@ -204,6 +208,7 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
     tunables::governor::validate(inp)?;
     tunables::sysctl::validate(inp)?;
     tunables::partition::validate(inp)?;
+    tunables::cycle::validate(inp)?;
     Ok(())
 }
 
@@ -234,7 +239,9 @@ pub fn build(inp: &Inputs, phase: Phase) -> Result<Plan, PlanError> {
                 });
                 return Ok(plan);
             }
-            // The partition first: the vCPUs are pinned inside it, the rest outside it.
+            // The cycle first, the partition next: the vCPUs are pinned inside it, the rest
+            // outside it.
+            tunables::cycle::plan(inp, &mut plan);
             tunables::partition::plan(inp, &mut plan);
             tunables::pinning::plan(inp, &mut plan)?;
             tunables::governor::plan(inp, &mut plan);
@@ -260,7 +267,8 @@ impl fmt::Display for Action {
             | Action::Exclude { path, .. }
             | Action::Include { path, .. }
             | Action::Enable { path, .. }
-            | Action::Mkdir { path, .. } => f.write_str(path),
+            | Action::Mkdir { path, .. }
+            | Action::Cycle { path } => f.write_str(path),
             Action::Expect { path, .. } => write!(f, "check {path}"),
             Action::Ban { socket, .. } => write!(f, "irqbalance ban ({socket})"),
             Action::Barrier => f.write_str("(barrier)"),
@@ -299,6 +307,7 @@ impl Action {
             Action::Mkdir { kind, .. } => kind.to_string(),
             Action::Move { cgroup, .. } => cgroup.clone(),
             Action::Expect { value, .. } => value.clone(),
+            Action::Cycle { .. } => "0 -> 1".to_string(),
             Action::Barrier => String::new(),
         }
     }

@@ -42,8 +42,21 @@ pub struct Isolation {
     /// `partition: isolated`: the vCPU threads in an isolated cpuset partition of `cpus`
     /// (where in the profile, for errors).
     pub partition: Option<Located<()>>,
+    /// `kthreads: true`: verify after post-start that no movable kernel thread is left on
+    /// `cpus` (the kernel moves them off an isolated partition; pvetune never pins them).
+    pub kthreads: Option<Located<bool>>,
+    /// `cpu-cycle: true`: each of `cpus` offline and online again before the partition and
+    /// the pins (post-start).
+    pub cpu_cycle: Option<Located<bool>>,
     /// `irqbalance:`: what to do about a running irqbalance, which moves IRQs back.
     pub irqbalance: IrqbalancePolicy,
+}
+
+impl Isolation {
+    /// `kthreads: true`.
+    pub fn verify_kthreads(&self) -> bool {
+        self.kthreads.as_ref().is_some_and(|k| k.value)
+    }
 }
 
 /// `isolation.irqbalance`.
@@ -120,8 +133,8 @@ pub enum ProfileError {
 
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
 /// profile using them is refused with a clear message instead of being half-applied. The
-/// first two are keys of `isolation:`.
-const PLANNED_KEYS: &[&str] = &["kthreads", "cpu-cycle", "irq", "hugepages", "pci-reset"];
+/// keys of `isolation:` are all implemented.
+const PLANNED_KEYS: &[&str] = &["irq", "hugepages", "pci-reset"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -140,6 +153,8 @@ struct RawProfile {
 struct RawIsolation {
     irqs: Option<bool>,
     partition: Option<Spanned<String>>,
+    kthreads: Option<Spanned<bool>>,
+    cpu_cycle: Option<Spanned<bool>>,
     irqbalance: Option<Spanned<String>>,
 }
 
@@ -331,6 +346,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     let raw_isolation = raw.isolation.unwrap_or(RawIsolation {
         irqs: None,
         partition: None,
+        kthreads: None,
+        cpu_cycle: None,
         irqbalance: None,
     });
     // A word that is none of a key's words.
@@ -367,6 +384,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     let isolation = Isolation {
         irqs,
         partition,
+        kthreads: raw_isolation
+            .kthreads
+            .as_ref()
+            .map(|k| located(k.value, at(k))),
+        cpu_cycle: raw_isolation
+            .cpu_cycle
+            .as_ref()
+            .map(|c| located(c.value, at(c))),
         irqbalance,
     };
     Ok(Profile {

@@ -53,7 +53,8 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
             Action::Write { path, .. }
             | Action::Exclude { path, .. }
             | Action::Include { path, .. }
-            | Action::Enable { path, .. } => read(path),
+            | Action::Enable { path, .. }
+            | Action::Cycle { path } => read(path),
             Action::Barrier => continue,
             Action::Ban { socket, .. } => {
                 crate::exec::read_claimed(host, &env.root, socket, Some(ComposeOp::Ban), &[])
@@ -205,6 +206,62 @@ fn drift(env: &Env, path: &str, claim: &Claim) -> String {
     }
 }
 
+/// The isolation of one VM at a glance: its partition as the kernel reports it now, and its
+/// IRQs (moved, and refused by the kernel).
+fn isolation_summary(
+    env: &Env,
+    state: &State,
+    vmid: u32,
+    rec: &crate::state::VmRecord,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let partition = format!(
+        "{}/{}/{}",
+        crate::cgroup::scope_of(vmid),
+        crate::cgroup::VCPUS,
+        crate::cgroup::PARTITION
+    );
+    if state
+        .claims
+        .get(&partition)
+        .is_some_and(|c| c.holder(vmid).is_some())
+    {
+        let now = RealHost
+            .read(&env.root.path(&partition))
+            .map(|s| s.trim().to_string());
+        out.push(match now {
+            Ok(v) if v == "isolated" => "  partition: isolated (valid)".to_string(),
+            Ok(v) => format!(
+                "  partition: NOT VALID: the kernel reports '{v}' (pvetune rollback {vmid}, then post-start, builds it again)"
+            ),
+            Err(e) => format!("  partition: gone ({e})"),
+        });
+    }
+    let moved = state
+        .claims
+        .iter()
+        .filter(|(p, c)| p.starts_with("/proc/irq/") && c.holder(vmid).is_some())
+        .count();
+    if moved > 0 || !rec.refused.is_empty() {
+        let mut line = format!("  IRQs: {moved} held off the VM's CPUs");
+        if !rec.refused.is_empty() {
+            let names: Vec<String> = rec
+                .refused
+                .iter()
+                .map(|(path, errno)| {
+                    format!("{} ({errno})", path.trim_end_matches("/smp_affinity_list"))
+                })
+                .collect();
+            line.push_str(&format!(
+                "; refused by the kernel, left as they are: {}",
+                names.join(", ")
+            ));
+        }
+        out.push(line);
+    }
+    out
+}
+
 /// `pvetune status`: what the ledger holds, and what changed behind pvetune's back since.
 pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
     let state = Store::new(&env.root).load()?;
@@ -229,6 +286,7 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
         out.push(format!("VM {vmid}: {proc_state}"));
         if let Some(rec) = rec {
             out.push(format!("  cpus {} (last phase {})", rec.cpus, rec.phase));
+            out.extend(isolation_summary(env, &state, vmid, rec));
             let alive = process_alive(env, Some(rec));
             for pin in &rec.pins {
                 // Only threads of the very QEMU that was pinned: a gone VM's tids may be reused.

@@ -142,6 +142,10 @@ pub struct VmRecord {
     /// The last phase that ran for this VM.
     pub phase: String,
     pub pins: Vec<PinRecord>,
+    /// Files the kernel refused to change for this VM (managed IRQs), with the errno, as the
+    /// last phase found them: for `status`, nothing to undo.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<(String, String)>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -153,6 +157,11 @@ pub struct PinRecord {
     /// Affinity before pvetune first pinned the thread.
     pub old: CpuSet,
     pub new: CpuSet,
+    /// The thread's own start time (`/proc/<pid>/task/<tid>/stat` field 22) when it was first
+    /// pinned: with the VM's pid and process start time, what proves that a tid from the
+    /// ledger is still that thread before it is touched again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
     #[serde(flatten)]
     pub extra: Extra,
 }

@@ -72,6 +72,7 @@ fn pin(tid: i32, cpu: u32) -> Change {
             label: format!("t{tid}"),
             old: CpuSet::range(0, 1),
             new: CpuSet::range(cpu, cpu),
+            start_time: None,
             extra: Extra::new(),
         }),
     }

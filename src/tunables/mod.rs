@@ -2,6 +2,7 @@
 //!
 //! They say *what*; `exec` says *how*, once per primitive.
 
+pub mod cycle;
 pub mod governor;
 pub mod irqbalance;
 pub mod irqs;

@@ -21,8 +21,10 @@
 use crate::cgroup::{
     CGROUP_ROOT, EXCLUSIVE, PARTITION, QEMU_SLICE, SUBTREE_CONTROL, VCPUS, scope_of,
 };
+use crate::cpuset::CpuSet;
 use crate::plan::{Action, Inputs, Plan, PlanError, Skip, Step, ThreadRef};
 use crate::profile::Placement;
+use crate::root::Root;
 use crate::tunables::pinning::housekeeping;
 
 const TUNABLE: &str = "partition";
@@ -33,6 +35,17 @@ const KEY: &str = "isolation.partition";
 /// or iothreads placed on the partition's CPUs (they stay in the scope, outside it).
 pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
     let Some(place) = &inp.profile.isolation.partition else {
+        if let Some(k) = &inp.profile.isolation.kthreads
+            && k.value
+        {
+            return Err(PlanError::at(
+                "isolation.kthreads",
+                k,
+                "needs isolation.partition: isolated. The kernel moves unbound kernel threads off \
+                 an isolated partition by itself, and resets any pinning of them at every \
+                 partition change, so pvetune verifies instead of pinning them",
+            ));
+        }
         return Ok(());
     };
     let cgroup = inp.facts.cgroup.clone().unwrap_or_default();
@@ -195,4 +208,32 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
          the host's slices, other VMs, containers and this VM's emulator threads leave them by \
          themselves (the kernel), so no AllowedCPUs is written anywhere"
     ));
+    plan.notes.push(format!(
+        "workqueues: the kernel takes CPUs {cpus} out of the unbound workqueue mask when the \
+         partition is made; nothing is written (a restore would give another VM's CPUs back)"
+    ));
+    if inp
+        .profile
+        .isolation
+        .kthreads
+        .as_ref()
+        .is_some_and(|k| k.value)
+    {
+        plan.notes.push(format!(
+            "kthreads: unbound kernel threads leave CPUs {cpus} by themselves; verified after \
+             post-start (per-CPU threads and workqueue workers cannot move and are counted)"
+        ));
+    }
+}
+
+/// After post-start made the partition: what the kernel did by itself, read back and never
+/// written. Each line with whether it holds (a kernel thread still on the VM's CPUs, or a
+/// workqueue mask that still has them, is a warning, not a failure: the VM runs either way).
+pub fn verify(root: &Root, cpus: &CpuSet) -> Vec<(bool, String)> {
+    let kthreads = crate::kthreads::scan(root, cpus);
+    let workqueues = crate::kthreads::workqueues(root, cpus);
+    vec![
+        (kthreads.verified(), kthreads.summary(cpus)),
+        (workqueues.verified(cpus), workqueues.summary(cpus)),
+    ]
 }

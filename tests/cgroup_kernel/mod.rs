@@ -13,6 +13,8 @@
 //! `comm`, `stat`, `cgroup` files) and a row per thread here; nothing real is touched.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use pvetune::cpuset::CpuSet;
 use pvetune::host::Host;
 use std::cell::RefCell;
@@ -55,6 +57,8 @@ impl CgroupKernel {
             refuse_partition: RefCell::default(),
         };
         let root = k.dir("");
+        // The fixture's static tree is replaced by this live one.
+        let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
         put(
             &root,
@@ -406,7 +410,8 @@ impl CgroupKernel {
         self.rewrite_threads(&old);
         self.rewrite_threads(cg);
         let task = self.base.join(format!("proc/{pid}/task/{tid}/cgroup"));
-        fs::write(task, format!("0::/{cg}\n")).unwrap();
+        // A thread the test made vanish from /proc keeps no file.
+        let _ = fs::write(task, format!("0::/{cg}\n"));
         self.settle();
         Ok(())
     }

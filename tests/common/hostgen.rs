@@ -244,6 +244,53 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
     let balancing = if spec.nodes.len() > 1 { "1" } else { "0" };
     put(root, "proc/sys/kernel/numa_balancing", balancing);
     put(root, "proc/sys/kernel/sched_rt_runtime_us", "950000");
+    put(root, "proc/sys/kernel/osrelease", "6.17.2-1-pve");
+    write_cgroups(root, &online, spec.nodes.len().max(1));
+}
+
+/// `/sys/fs/cgroup` as systemd leaves it on a Proxmox VE 9 host before any VM is isolated: cpuset
+/// is available but switched on nowhere (so `qemu.slice` has no `cpuset.*` files yet), the
+/// root-only `cpuset.cpus.isolated` is empty (docs/kernel-facts.md: boot.*-controllers).
+fn write_cgroups(root: &Path, online: &CpuSet, nodes: usize) {
+    let cg = "sys/fs/cgroup";
+    put(
+        root,
+        &format!("{cg}/cgroup.controllers"),
+        "cpuset cpu io memory hugetlb pids rdma misc",
+    );
+    put(
+        root,
+        &format!("{cg}/cgroup.subtree_control"),
+        "cpu io memory pids",
+    );
+    put(
+        root,
+        &format!("{cg}/cpuset.cpus.effective"),
+        &online.to_string(),
+    );
+    put(root, &format!("{cg}/cpuset.cpus.isolated"), "");
+    put(
+        root,
+        &format!("{cg}/cpuset.mems.effective"),
+        &format!("0-{}", nodes - 1),
+    );
+    for slice in ["init.scope", "system.slice", "user.slice", "qemu.slice"] {
+        let dir = format!("{cg}/{slice}");
+        put(
+            root,
+            &format!("{dir}/cgroup.controllers"),
+            "cpu io memory pids",
+        );
+        let below = if slice == "init.scope" {
+            ""
+        } else {
+            "cpu io memory pids"
+        };
+        put(root, &format!("{dir}/cgroup.subtree_control"), below);
+        put(root, &format!("{dir}/cgroup.type"), "domain");
+        put_empty(root, &format!("{dir}/cgroup.procs"));
+        put_empty(root, &format!("{dir}/cgroup.threads"));
+    }
 }
 
 /// `/proc/irq` of a host with the usual legacy IRQs, a 4-queue NIC and an NVMe drive: the

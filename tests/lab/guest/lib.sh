@@ -207,6 +207,26 @@ val() {
 
 # --- kernel state ---------------------------------------------------------------------------
 
+# expand <cpulist>: its CPUs as words (`4-6,8` -> `4 5 6 8`).
+expand() {
+	local part out=""
+	for part in ${1//,/ }; do
+		case "$part" in
+		*-*) out="$out $(seq ${part%-*} ${part#*-} | tr '\n' ' ')" ;;
+		*) out="$out $part" ;;
+		esac
+	done
+	echo $out
+}
+
+# overlaps <cpulist> <cpulist>: true when they share a CPU.
+overlaps() {
+	local a b c
+	a=$(expand "$1") b=$(expand "$2")
+	for c in $a; do case " $b " in *" $c "*) return 0 ;; esac; done
+	return 1
+}
+
 # Sysctls a tunable may touch (later issues add theirs); each as `name = value`.
 LAB_SYSCTLS="vm/stat_interval vm/swappiness vm/dirty_ratio vm/nr_hugepages kernel/timer_migration
 	kernel/numa_balancing kernel/sched_rt_runtime_us kernel/watchdog kernel/nmi_watchdog

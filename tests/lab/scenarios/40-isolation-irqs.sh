@@ -27,25 +27,6 @@ check_irqs_off() {
 	[ -z "$bad" ] && ok "every movable IRQ off $cpus" || fail "IRQs still on $cpus:$bad"
 }
 
-# overlaps <cpulist> <cpulist>: true when they share a CPU (lists of the 8-CPU guest).
-overlaps() {
-	local a b
-	a=$(expand "$1") b=$(expand "$2")
-	for c in $a; do case " $b " in *" $c "*) return 0 ;; esac; done
-	return 1
-}
-
-expand() {
-	local part out=""
-	for part in ${1//,/ }; do
-		case "$part" in
-		*-*) out="$out $(seq ${part%-*} ${part#*-} | tr '\n' ' ')" ;;
-		*) out="$out $part" ;;
-		esac
-	done
-	echo $out
-}
-
 # irqs_of <snapshot>: its IRQ section (the default affinity and every IRQ's), the state this
 # scenario changes. (systemd leaves qemu.slice behind after the first VM: not ours to compare.)
 irqs_of() {
@@ -76,6 +57,7 @@ check_rc "post-start" 0 pvetune -q $vmid post-start
 pvetune status $vmid > /tmp/irq-status.out 2>&1
 cat /tmp/irq-status.out
 check_contains "status shows an IRQ's composed value" /tmp/irq-status.out "smp_affinity_list: 0-3 (original 0-7; CPUs 4-7 taken out)"
+check_contains "status names the IRQs the kernel refused" /tmp/irq-status.out "refused by the kernel, left as they are: /proc/irq/0 (EPERM)"
 check_rc "post-stop" 0 pvetune $vmid post-stop
 vm_stop $vmid || fail "QEMU did not stop"
 snapshot /tmp/irq-after
