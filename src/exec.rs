@@ -32,7 +32,9 @@ use std::collections::HashMap;
 use std::io;
 
 mod cgroup;
+mod irqbalance;
 pub use cgroup::read_claimed;
+pub use irqbalance::EXCHANGE_DEADLINE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -184,7 +186,12 @@ impl<'a, H: Host> Executor<'a, H> {
                             path: path.clone(),
                             claim: previous.clone(),
                         });
-                        applied.refused.push((path.clone(), errno));
+                        if is_ban(intent) {
+                            // Not the kernel's: irqbalance, which is optional.
+                            log::warn!("{e}: irqbalance may move IRQs back onto the VM's CPUs");
+                        } else {
+                            applied.refused.push((path.clone(), errno));
+                        }
                     }
                     None => {
                         self.undo(&intents, i);
@@ -257,6 +264,7 @@ impl<'a, H: Host> Executor<'a, H> {
                         op: ComposeOp::Exclude,
                         format: *format,
                         fallback: fallback.clone(),
+                        base: CpuSet::new(),
                         extra: Default::default(),
                     };
                     let Some(intent) = self.claim_intent(
@@ -289,6 +297,12 @@ impl<'a, H: Host> Executor<'a, H> {
                         self.claim_intent(path, value, compose, false, planned, applied)?
                     {
                         record(path, intent, &mut claims, &mut changes, &mut intents);
+                    }
+                }
+                Action::Ban { socket, cpus } => {
+                    let planned = (&claims, &seq);
+                    if let Some(intent) = self.ban_intent(socket, cpus, planned, applied) {
+                        record(socket, intent, &mut claims, &mut changes, &mut intents);
                     }
                 }
                 Action::Move { thread, cgroup } => {
@@ -549,8 +563,12 @@ impl<'a, H: Host> Executor<'a, H> {
                         .flat_map(|w| w.split_whitespace())
                         .map(str::to_string)
                         .collect::<Vec<_>>();
-                    self.read_as(path, *op, &words)
-                        .and_then(|now| self.put(path, &now, before, *op))
+                    // irqbalance's ban is sent whatever it reports (see `exec/irqbalance.rs`).
+                    let now = match op {
+                        Some(ComposeOp::Ban) => Ok(String::new()),
+                        _ => self.read_as(path, *op, &words),
+                    };
+                    now.and_then(|now| self.put(path, &now, before, *op))
                         .map(|_| Change::Claim {
                             path: path.clone(),
                             claim: previous.clone(),
@@ -700,6 +718,9 @@ impl<'a, H: Host> Executor<'a, H> {
         let Some(claim) = self.state.claims.get(path) else {
             return Ok(None);
         };
+        if claim.op() == Some(ComposeOp::Ban) {
+            return Ok(self.release_ban(path, claim));
+        }
         let current = match self.read_as(path, claim.op(), &managed_words(claim)) {
             Ok(current) => current,
             // A file that is gone went with its cgroup (systemd removes a VM's scope when
@@ -860,8 +881,23 @@ fn refused<'i>(
     else {
         return None;
     };
-    let errno = nix::errno::Errno::from_raw(source.raw_os_error()?);
-    Some((path, format!("{errno:?}"), previous))
+    let errno = match source.raw_os_error() {
+        Some(raw) => format!("{:?}", nix::errno::Errno::from_raw(raw)),
+        // irqbalance's socket: any failure to ban is a skip (`exec/irqbalance.rs`).
+        None if is_ban(intent) => source.to_string(),
+        None => return None,
+    };
+    Some((path, errno, previous))
+}
+
+fn is_ban(intent: &Intent) -> bool {
+    matches!(
+        intent,
+        Intent::Write {
+            op: Some(ComposeOp::Ban),
+            ..
+        }
+    )
 }
 
 /// The words a `Words` claim manages (its original's and every holder's); empty for others.

@@ -34,6 +34,9 @@ pub struct Irqs {
     /// The pid of a running irqbalance, which moves IRQs back by itself (it only ever bans
     /// boot-time isolated CPUs, never a VM's: isolation-facts.md section 5).
     pub irqbalance: Option<u32>,
+    /// Whether that irqbalance's control socket exists (`/run/irqbalance/irqbalance<pid>.sock`;
+    /// irqbalance built without its UI has none, and then cannot be told to ban CPUs).
+    pub irqbalance_socket: bool,
 }
 
 pub const IRQ_DIR: &str = "/proc/irq";
@@ -51,10 +54,13 @@ impl Irqs {
     pub fn read(root: &Root) -> Irqs {
         let mut numbers: Vec<u32> = numbered_entries(&root.path(IRQ_DIR)).collect();
         numbers.sort_unstable();
+        let irqbalance = find_process(root, "irqbalance");
         Irqs {
             numbers,
             default_affinity: root.path(DEFAULT_IRQ_AFFINITY).exists(),
-            irqbalance: find_process(root, "irqbalance"),
+            irqbalance,
+            irqbalance_socket: irqbalance
+                .is_some_and(|pid| root.path(crate::irqbalance::socket_path(pid)).exists()),
         }
     }
 }

@@ -157,17 +157,24 @@ pub fn socket_pids(root: &Root) -> std::io::Result<Vec<u32>> {
     let mut pids = Vec::new();
     for entry in entries {
         let name = entry?.file_name();
-        let pid = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("irqbalance"))
-            .and_then(|n| n.strip_suffix(".sock"))
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse::<u32>().ok())
-            .filter(|p| (1..=PID_MAX).contains(p));
-        pids.extend(pid);
+        pids.extend(name.to_str().and_then(pid_of_name));
     }
     pids.sort_unstable();
     Ok(pids)
+}
+
+/// The pid in a socket's host-absolute path as [`socket_path`] makes it; `None` for any other.
+pub fn pid_of_socket(path: &str) -> Option<u32> {
+    pid_of_name(path.strip_prefix(SOCKET_DIR)?.strip_prefix('/')?)
+}
+
+/// The pid of a socket's file name `irqbalance<pid>.sock` (canonical digits, 1..=[`PID_MAX`]).
+fn pid_of_name(name: &str) -> Option<u32> {
+    name.strip_prefix("irqbalance")
+        .and_then(|n| n.strip_suffix(".sock"))
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|p| (1..=PID_MAX).contains(p))
 }
 
 /// What irqbalance's `setup` command answers.
@@ -659,5 +666,15 @@ mod tests {
     #[test]
     fn socket_path_is_irqbalances() {
         assert_eq!(socket_path(812), "/run/irqbalance/irqbalance812.sock");
+        assert_eq!(pid_of_socket(&socket_path(812)), Some(812));
+        for bad in [
+            "/run/irqbalance/irqbalance.sock",
+            "/run/irqbalance/irqbalance0.sock",
+            "/run/irqbalance/x/irqbalance8.sock",
+            "/run/irqbalanceirqbalance8.sock",
+            "/proc/irq/8",
+        ] {
+            assert_eq!(pid_of_socket(bad), None, "{bad}");
+        }
     }
 }

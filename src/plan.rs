@@ -108,6 +108,11 @@ pub enum Action {
     Mkdir { path: String, kind: &'static str },
     /// Move a thread into the cgroup `cgroup` (a write of its tid to `cgroup.threads`).
     Move { thread: ThreadRef, cgroup: String },
+    /// Ban the VM's `cpus` in irqbalance over its control socket (`socket`, host-absolute):
+    /// a claim composed as irqbalance's ban before the first claim plus every holder's CPUs
+    /// (`state::ComposeOp::Ban`), given back exactly by the last release. irqbalance is
+    /// optional: a socket that refuses or does not answer in time is a warning and a skip.
+    Ban { socket: String, cpus: CpuSet },
     /// Fail the batch, undoing it, unless `path` reads `value`: the kernel accepts a write to
     /// `cpuset.cpus.partition` and only says on reading it back that it made the partition
     /// invalid, and why.
@@ -265,6 +270,7 @@ impl fmt::Display for Action {
             | Action::Mkdir { path, .. }
             | Action::Cycle { path } => f.write_str(path),
             Action::Expect { path, .. } => write!(f, "check {path}"),
+            Action::Ban { socket, .. } => write!(f, "irqbalance ban ({socket})"),
             Action::Barrier => f.write_str("(barrier)"),
             Action::Pin { thread, .. } | Action::Move { thread, .. } => write!(f, "{thread}"),
         }
@@ -285,6 +291,12 @@ impl Action {
                 ..
             } => exclude_text(before, *format, cpus, fallback),
             Action::Include { cpus, .. } => include_text(before, CpuFormat::List, cpus),
+            // What irqbalance bans now (other VMs' CPUs in it already) and this VM's.
+            Action::Ban { cpus, .. } => before
+                .trim()
+                .parse::<CpuSet>()
+                .map_or_else(|_| cpus.clone(), |now| now.union(cpus))
+                .to_string(),
             Action::Enable { controller, .. } => {
                 let mut words: Vec<&str> = before.split_whitespace().collect();
                 if !words.contains(controller) {

@@ -48,6 +48,8 @@ pub struct Isolation {
     /// `cpu-cycle: true`: each of `cpus` offline and online again before the partition and
     /// the pins (post-start).
     pub cpu_cycle: Option<Located<bool>>,
+    /// `irqbalance:`: what to do about a running irqbalance, which moves IRQs back.
+    pub irqbalance: IrqbalancePolicy,
 }
 
 impl Isolation {
@@ -55,6 +57,16 @@ impl Isolation {
     pub fn verify_kthreads(&self) -> bool {
         self.kthreads.as_ref().is_some_and(|k| k.value)
     }
+}
+
+/// `isolation.irqbalance`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IrqbalancePolicy {
+    /// A warning in `plan`, `check` and the hook log (irqbalance left alone).
+    #[default]
+    Warn,
+    /// Ban the VM's CPUs in irqbalance over its socket while the VM runs.
+    Ban,
 }
 
 /// A value with the place in the profile it came from, for error messages.
@@ -121,8 +133,8 @@ pub enum ProfileError {
 
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
 /// profile using them is refused with a clear message instead of being half-applied. The
-/// first is a key of `isolation:`.
-const PLANNED_KEYS: &[&str] = &["irqbalance", "irq", "hugepages", "pci-reset"];
+/// keys of `isolation:` are all implemented.
+const PLANNED_KEYS: &[&str] = &["irq", "hugepages", "pci-reset"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -143,6 +155,7 @@ struct RawIsolation {
     partition: Option<Spanned<String>>,
     kthreads: Option<Spanned<bool>>,
     cpu_cycle: Option<Spanned<bool>>,
+    irqbalance: Option<Spanned<String>>,
 }
 
 /// `vcpus:` is a mode word or a list of CPU numbers.
@@ -335,24 +348,41 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         partition: None,
         kthreads: None,
         cpu_cycle: None,
+        irqbalance: None,
     });
-    let partition = match &raw_isolation.partition {
-        None => None,
-        Some(p) if p.value == "isolated" => Some(located((), at(p))),
-        Some(p) if p.value == "none" => None,
-        Some(p) => {
+    // A word that is none of a key's words.
+    let unknown = |key, p: &Spanned<String>, what: &str| {
+        let value = crate::excerpt::excerpt(&p.value);
+        invalid(key, at(p), format!("'{value}' is not {what}"))
+    };
+    let partition = match one_of(&raw_isolation.partition, &["isolated", "none"]) {
+        Ok(Some((p, "isolated"))) => Some(located((), at(p))),
+        Ok(_) => None,
+        Err(p) => {
+            let what = "a partition type: expected isolated (or none)";
+            return Err(unknown("isolation.partition", p, what));
+        }
+    };
+    let irqs = raw_isolation.irqs.unwrap_or(false);
+    let irqbalance = match one_of(&raw_isolation.irqbalance, &["warn", "ban"]) {
+        Ok(None | Some((_, "warn"))) => IrqbalancePolicy::Warn,
+        Ok(Some(_)) if irqs => IrqbalancePolicy::Ban,
+        Ok(Some((p, _))) => {
             return Err(invalid(
-                "isolation.partition",
+                "isolation.irqbalance",
                 at(p),
-                format!(
-                    "'{}' is not a partition type: expected isolated (or none)",
-                    crate::excerpt::excerpt(&p.value)
-                ),
+                "ban needs 'irqs: true' in isolation: irqbalance is only asked to stay off \
+                 the CPUs that pvetune moves the IRQs off"
+                    .into(),
             ));
+        }
+        Err(p) => {
+            let what = "an irqbalance policy: expected ban or warn";
+            return Err(unknown("isolation.irqbalance", p, what));
         }
     };
     let isolation = Isolation {
-        irqs: raw_isolation.irqs.unwrap_or(false),
+        irqs,
         partition,
         kthreads: raw_isolation
             .kthreads
@@ -362,6 +392,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
             .cpu_cycle
             .as_ref()
             .map(|c| located(c.value, at(c))),
+        irqbalance,
     };
     Ok(Profile {
         path: path.to_path_buf(),
@@ -373,6 +404,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         sysctl,
         isolation,
     })
+}
+
+/// A key whose value is one of `words`: None when it is absent, the value (and where it is)
+/// when it is one of them, `Err` with the value otherwise.
+fn one_of<'a>(
+    value: &'a Option<Spanned<String>>,
+    words: &[&'static str],
+) -> Result<Option<(&'a Spanned<String>, &'static str)>, &'a Spanned<String>> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    match words.iter().find(|w| **w == v.value) {
+        Some(word) => Ok(Some((v, word))),
+        None => Err(v),
+    }
 }
 
 /// A sysctl name becomes a path under /proc/sys: dotted words of `[A-Za-z0-9_-]`, nothing
@@ -492,6 +538,28 @@ mod tests {
         );
         let err = p("").unwrap_err().to_string();
         assert!(err.contains("empty profile"), "{err}");
+    }
+
+    #[test]
+    fn irqbalance_policy() {
+        let policy = |text: &str| p(text).map(|prof| prof.isolation.irqbalance);
+        let policy_error = |text: &str| policy(text).unwrap_err().to_string();
+        let irqs = "cpus: 4\nisolation:\n  irqs: true\n";
+        assert_eq!(policy(irqs).unwrap(), IrqbalancePolicy::Warn);
+        let ban = policy(&format!("{irqs}  irqbalance: ban\n"));
+        assert_eq!(ban.unwrap(), IrqbalancePolicy::Ban);
+        let warn = policy("cpus: 4\nisolation:\n  irqbalance: warn\n");
+        assert_eq!(warn.unwrap(), IrqbalancePolicy::Warn);
+        assert_eq!(
+            policy_error(&format!("{irqs}  irqbalance: stop\n")),
+            "100.yaml:4:15: isolation.irqbalance: 'stop' is not an irqbalance policy: \
+             expected ban or warn"
+        );
+        let err = policy_error("cpus: 4\nisolation:\n  irqbalance: ban\n");
+        assert!(
+            err.starts_with("100.yaml:3:15: isolation.irqbalance: ban needs 'irqs: true'"),
+            "{err}"
+        );
     }
 
     #[test]

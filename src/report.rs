@@ -56,6 +56,10 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
             | Action::Enable { path, .. }
             | Action::Cycle { path } => read(path),
             Action::Barrier => continue,
+            Action::Ban { socket, .. } => {
+                crate::exec::read_claimed(host, &env.root, socket, Some(ComposeOp::Ban), &[])
+                    .unwrap_or_else(|e| format!("<unreadable: {e}>"))
+            }
             Action::Expect { path, value } => {
                 let now = match read(path) {
                     now if now.is_empty() => "not there yet".to_string(),
@@ -124,6 +128,18 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
             let mut rest = claim.clone();
             rest.holders.retain(|h| h.vmid != vmid);
             let action = match claim.op() {
+                Some(ComposeOp::Ban) => {
+                    plan.notes.push(format!(
+                        "{path}: settings cpus {} (irqbalance's ban{})",
+                        rest.effective(),
+                        if rest.holders.is_empty() {
+                            " as it was"
+                        } else {
+                            " without this VM's CPUs"
+                        }
+                    ));
+                    None
+                }
                 Some(ComposeOp::Dir) if rest.holders.is_empty() => {
                     plan.notes.push(format!(
                         "{path}: removed (threads left in it go back to its parent first)"
@@ -333,6 +349,12 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         }
                     ),
                     Some(ComposeOp::Dir) => format!("  {path}: cgroup created ({})", h.value),
+                    Some(ComposeOp::Ban) => format!(
+                        "  {path}: irqbalance bans {} (original {}; CPUs {} banned)",
+                        claim.effective(),
+                        claim.original,
+                        h.value
+                    ),
                     None => format!(
                         "  {path}: {} (original {})",
                         h.value.trim(),
@@ -354,6 +376,7 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         format!("VM {} takes out {}", h.vmid, h.value.trim())
                     }
                     Some(ComposeOp::Include) => format!("VM {} adds {}", h.vmid, h.value.trim()),
+                    Some(ComposeOp::Ban) => format!("VM {} bans {}", h.vmid, h.value),
                     Some(ComposeOp::Words | ComposeOp::Dir) | None => {
                         format!("VM {}={}", h.vmid, h.value.trim())
                     }

@@ -88,6 +88,9 @@ pub const LEDGER_PATH_PREFIXES: &[&str] = &[
     "/sys/fs/cgroup/",           // cpuset partitions
     "/sys/kernel/mm/hugepages/", // hugepage pools
     "/sys/bus/pci/",             // PCI reset, driver binding
+    // irqbalance's control socket (`/run/irqbalance/irqbalance<pid>.sock`): not a file that
+    // is written but the key of the `Ban` claim; rollback talks to it (`exec/irqbalance.rs`).
+    "/run/irqbalance/",
 ];
 /// How much of a refused path an error message shows.
 const SHOWN_PATH_MAX: usize = 160;
@@ -185,6 +188,10 @@ pub struct Compose {
     pub format: CpuFormat,
     /// The housekeeping CPUs as the latest claimer saw them.
     pub fallback: CpuSet,
+    /// `Ban` only: the CPUs irqbalance banned by itself when the first VM claimed (see
+    /// [`ComposeOp::Ban`]). Empty, and not written, for every other op.
+    #[serde(default, skip_serializing_if = "CpuSet::is_empty")]
+    pub base: CpuSet,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -210,6 +217,15 @@ pub enum ComposeOp {
     /// `cgroup.type` to give it. Releasing the last holder moves any thread left in it to
     /// its parent and removes it.
     Dir,
+    /// irqbalance's banned CPUs, set over its socket (`settings cpus`), keyed by the socket's
+    /// path: the CPUs it banned before the first claim (`base`) plus every holder's CPUs.
+    /// `original` is [`crate::irqbalance::Setting::original_text`]: `NULL` when that ban was
+    /// irqbalance's own detection, else the explicit cpulist someone had set. `base` records
+    /// the detected CPUs as well, because a `settings cpus` list *replaces* the detection: the
+    /// list sent while VMs hold the claim must name them too, and they are never read again
+    /// (irqbalance's `BANNED` lags a scan behind and already holds VM CPUs). The last release
+    /// sends `original` (`NULL`: irqbalance detects again).
+    Ban,
 }
 
 impl Compose {
@@ -220,6 +236,7 @@ impl Compose {
             op,
             format: CpuFormat::List,
             fallback: CpuSet::new(),
+            base: CpuSet::new(),
             extra: Extra::new(),
         }
     }
@@ -339,6 +356,7 @@ impl Claim {
                 Cow::Owned(words.join(" "))
             }
             ComposeOp::Dir => Cow::Borrowed(&last.value),
+            ComposeOp::Ban => Cow::Owned(compose.base.union(&taken()).to_string()),
         }
     }
 
@@ -518,6 +536,7 @@ mod tests {
                 op: ComposeOp::Exclude,
                 format: CpuFormat::List,
                 fallback: "0-1".parse().unwrap(),
+                base: CpuSet::new(),
                 extra: Extra::new(),
             }),
             extra: Extra::new(),
@@ -546,6 +565,36 @@ mod tests {
     }
 
     #[test]
+    fn a_ban_is_the_recorded_base_plus_every_holders_cpus() {
+        let holder = |vmid, cpus: &str| Holder {
+            vmid,
+            value: cpus.into(),
+            seq: 1,
+            extra: Extra::new(),
+        };
+        let mut ban = Claim {
+            original: "NULL".into(),
+            holders: vec![holder(100, "6-11"), holder(101, "3-5")],
+            compose: Some(Compose {
+                base: "2".parse().unwrap(),
+                ..Compose::of(ComposeOp::Ban)
+            }),
+            extra: Extra::new(),
+        };
+        assert_eq!(ban.effective(), "2-11");
+        ban.holders.retain(|h| h.vmid != 100);
+        assert_eq!(ban.effective(), "2-5");
+        ban.holders.clear();
+        assert_eq!(ban.effective(), "NULL", "irqbalance detects again");
+        // As the ledger has it: the op by name, the base beside it.
+        let json = serde_json::to_string(ban.compose.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"ban","format":"list","fallback":"","base":"2"}"#
+        );
+    }
+
+    #[test]
     fn ledger_paths_must_be_kernel_files_pvetune_writes() {
         for good in [
             "/proc/sys/vm/stat_interval",
@@ -554,6 +603,7 @@ mod tests {
             "/sys/fs/cgroup/pvetune.slice/cpuset.cpus.partition",
             "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
             "/sys/bus/pci/devices/0000:01:00.0/reset",
+            "/run/irqbalance/irqbalance812.sock",
         ] {
             assert_eq!(path_refusal(good), None, "{good}");
         }

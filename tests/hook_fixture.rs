@@ -4,7 +4,9 @@
 
 mod fixture;
 
-use fixture::{FakeVm, host_copy, pvetune, read, snapshot, stderr, stdout, write};
+use fixture::{
+    FakeVm, host_copy, pvetune, read, snapshot, start_vm as start, stderr, stdout, write,
+};
 use std::path::Path;
 
 fn lines(out: &str) -> Vec<&str> {
@@ -236,17 +238,6 @@ fn vm_without_profile_is_left_alone() {
     }
     assert_eq!(snapshot(&root.path), before);
     assert!(!root.path.join("run/pvetune/state.json").exists());
-}
-
-/// Runs the start hooks as qemu-server does, with a stand-in QEMU process.
-fn start(root: &Path, vmid: u32) -> FakeVm {
-    let id = vmid.to_string();
-    let out = pvetune(root, &[&id, "pre-start"]);
-    assert!(out.status.success(), "pre-start: {}", stderr(&out));
-    let vm = FakeVm::start(root, vmid);
-    let out = pvetune(root, &[&id, "post-start"]);
-    assert!(out.status.success(), "post-start: {}", stderr(&out));
-    vm
 }
 
 fn stop(root: &Path, vmid: u32, vm: &mut FakeVm) {

@@ -5,7 +5,9 @@
 
 mod fixture;
 
-use fixture::{FakeVm, host_copy, pvetune, read, snapshot, stderr, stdout, write};
+use fixture::{
+    FakeVm, host_copy, pvetune, read, snapshot, start_vm as start, stderr, stdout, write,
+};
 use pvetune::cpuset::{CpuFormat, CpuSet};
 use pvetune::exec::Executor;
 use pvetune::host::{Host, RealHost};
@@ -30,16 +32,6 @@ fn add_vm(root: &Path, vmid: u32, cpus: &str) {
         &format!("/etc/pve/qemu-server/{vmid}.conf"),
         "cores: 2\nmemory: 512\n",
     );
-}
-
-fn start(root: &Path, vmid: u32) -> FakeVm {
-    let id = vmid.to_string();
-    let out = pvetune(root, &[&id, "pre-start"]);
-    assert!(out.status.success(), "pre-start {vmid}: {}", stderr(&out));
-    let vm = FakeVm::start(root, vmid);
-    let out = pvetune(root, &[&id, "post-start"]);
-    assert!(out.status.success(), "post-start {vmid}: {}", stderr(&out));
-    vm
 }
 
 fn stop(root: &Path, vmid: u32, vm: &mut FakeVm) {

@@ -14,7 +14,8 @@ use std::io;
 
 /// What a claimed target holds now, as its claim composes it: the file's text; for `Words`
 /// only the managed `words` that are on, sorted (`cpuset memory` holds `cpuset` of
-/// `[cpuset]`); for `Dir` the cgroup's `cgroup.type`, or `absent`.
+/// `[cpuset]`); for `Dir` the cgroup's `cgroup.type`, or `absent`; for `Ban` the CPUs
+/// irqbalance reports banned (`exec/irqbalance.rs`).
 pub fn read_claimed(
     host: &impl Host,
     root: &Root,
@@ -38,6 +39,7 @@ pub fn read_claimed(
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(DIR_ABSENT.to_string()),
             Err(e) => Err(e),
         },
+        Some(ComposeOp::Ban) => super::irqbalance::read_banned(root, path),
         _ => host.read(&root.path(path)),
     }
 }
@@ -67,6 +69,7 @@ impl<H: Host> Executor<'_, H> {
         match op {
             Some(ComposeOp::Words) => self.put_words(path, current, target),
             Some(ComposeOp::Dir) => self.put_dir(path, current, target),
+            Some(ComposeOp::Ban) => self.put_ban(path, target),
             _ => self.write_if_different(path, current, target),
         }
     }

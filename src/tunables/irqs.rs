@@ -7,7 +7,8 @@
 //! its original CPUs minus all of theirs. The kernel refuses some IRQs (managed queues, per-CPU
 //! IRQs, IRQ 0 on x86: EPERM from 6.14 and on the 6.12 lab kernel, EIO on 6.8; ENOSPC when the
 //! target CPUs have no vectors left): those are skipped when applied, never a failure. An
-//! isolated cpuset partition never moves IRQs by itself (docs/kernel-facts.md).
+//! isolated cpuset partition never moves IRQs by itself (docs/kernel-facts.md). A running
+//! irqbalance would move them back: see `tunables/irqbalance.rs`.
 
 use crate::cpuset::CpuFormat;
 use crate::facts::{DEFAULT_IRQ_AFFINITY, irq_affinity_path};
@@ -58,13 +59,7 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
         plan.steps
             .push(exclude(irq_affinity_path(irq), CpuFormat::List, true));
     }
-    if let Some(pid) = irqs.irqbalance {
-        plan.notes.push(format!(
-            "warning: irqbalance runs (pid {pid}) and will move IRQs back onto CPUs {cpus}: \
-             stop it (systemctl disable --now irqbalance) or ban the CPUs \
-             (IRQBALANCE_BANNED_CPULIST in /etc/default/irqbalance)"
-        ));
-    }
+    crate::tunables::irqbalance::plan(inp, irqs, plan);
     if irqs.numbers.is_empty() {
         plan.skipped.push(Skip {
             tunable: TUNABLE,

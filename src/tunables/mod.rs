@@ -4,6 +4,7 @@
 
 pub mod cycle;
 pub mod governor;
+pub mod irqbalance;
 pub mod irqs;
 pub mod partition;
 pub mod pinning;
