@@ -1,0 +1,305 @@
+//! Step 1 of a batch: every target read once, the intents and the ledger entries worked out,
+//! nothing changed yet (see the module doc of `exec`).
+
+use super::{Applied, ExecError, Executor, Intent, gone, managed_words, pin_error, same_value};
+use crate::cpuset::CpuSet;
+use crate::host::Host;
+use crate::plan::{Action, Step};
+use crate::state::{Change, Claim, Compose, ComposeOp, Holder, PinRecord};
+use std::cell::Cell;
+use std::collections::HashMap;
+
+impl<H: Host> Executor<'_, H> {
+    /// Step 1 of a batch: reads every target once and works out the intents and the ledger
+    /// entries they lead to, without changing anything (the ledger in memory included).
+    pub(super) fn prepare(
+        &self,
+        steps: &[Step],
+        applied: &mut Applied,
+    ) -> Result<(Vec<Intent>, Vec<Change>), ExecError> {
+        let mut intents = Vec::with_capacity(steps.len());
+        let mut changes = Vec::with_capacity(steps.len());
+        // Entries as this batch leaves them so far: a path or thread that comes twice sees its
+        // first change, and the value it will hold by then, without a lookup in a list.
+        let mut claims: HashMap<&str, Claim> = HashMap::new();
+        let mut pins: HashMap<i32, PinRecord> = HashMap::new();
+        // The order of this VM's claims, which its rollback reverses (see `Holder::seq`).
+        let seq = Cell::new(
+            self.state
+                .claims
+                .values()
+                .filter_map(|c| c.holder(self.vmid))
+                .map(|h| h.seq)
+                .max()
+                .unwrap_or(0),
+        );
+        let held: HashMap<i32, &PinRecord> = self
+            .state
+            .vms
+            .get(&self.vmid)
+            .map(|r| r.pins.iter().map(|p| (p.tid, p)).collect())
+            .unwrap_or_default();
+        for step in steps {
+            match &step.action {
+                Action::Write { path, value } => {
+                    let Some(intent) = self.claim_intent(
+                        path,
+                        value.clone(),
+                        None,
+                        false,
+                        (&claims, &seq),
+                        applied,
+                    )?
+                    else {
+                        continue;
+                    };
+                    record(path, intent, &mut claims, &mut changes, &mut intents);
+                }
+                Action::Exclude {
+                    path,
+                    cpus,
+                    format,
+                    fallback,
+                    refusable,
+                } => {
+                    let compose = Compose {
+                        op: ComposeOp::Exclude,
+                        format: *format,
+                        fallback: fallback.clone(),
+                        base: CpuSet::new(),
+                        extra: Default::default(),
+                    };
+                    let Some(intent) = self.claim_intent(
+                        path,
+                        cpus.to_string(),
+                        Some(compose),
+                        *refusable,
+                        (&claims, &seq),
+                        applied,
+                    )?
+                    else {
+                        continue;
+                    };
+                    record(path, intent, &mut claims, &mut changes, &mut intents);
+                }
+                Action::Include { .. } | Action::Enable { .. } | Action::Mkdir { .. } => {
+                    let (path, op, value) = match &step.action {
+                        Action::Include { path, cpus } => {
+                            (path, ComposeOp::Include, cpus.to_string())
+                        }
+                        Action::Enable { path, controller } => {
+                            (path, ComposeOp::Words, controller.to_string())
+                        }
+                        Action::Mkdir { path, kind } => (path, ComposeOp::Dir, kind.to_string()),
+                        _ => unreachable!("matched above"),
+                    };
+                    let planned = (&claims, &seq);
+                    let compose = Some(Compose::of(op));
+                    if let Some(intent) =
+                        self.claim_intent(path, value, compose, false, planned, applied)?
+                    {
+                        record(path, intent, &mut claims, &mut changes, &mut intents);
+                    }
+                }
+                Action::Ban { socket, cpus } => {
+                    let planned = (&claims, &seq);
+                    if let Some(intent) = self.ban_intent(socket, cpus, planned, applied) {
+                        record(socket, intent, &mut claims, &mut changes, &mut intents);
+                    }
+                }
+                Action::Move { thread, cgroup } => {
+                    let Some(tid) = thread.tid else {
+                        return Err(ExecError::NotRunning {
+                            thread: thread.to_string(),
+                        });
+                    };
+                    let from = match self.thread_cgroup(thread.pid.unwrap_or(tid), tid) {
+                        Ok(from) => from,
+                        Err(e) if gone(&e) => {
+                            applied.vanished += 1;
+                            continue;
+                        }
+                        Err(source) => {
+                            return Err(ExecError::Move {
+                                thread: thread.to_string(),
+                                cgroup: cgroup.clone(),
+                                source,
+                            });
+                        }
+                    };
+                    intents.push(Intent::Move {
+                        thread: thread.clone(),
+                        tid,
+                        from,
+                        to: cgroup.clone(),
+                    });
+                }
+                Action::Expect { path, value } => intents.push(Intent::Expect {
+                    path: path.clone(),
+                    value: value.clone(),
+                }),
+                Action::Cycle { path } => {
+                    let planned = (&claims, &seq);
+                    let found =
+                        self.claim_intent(path, "1".into(), None, false, planned, applied)?;
+                    if let Some((claim, _)) = found {
+                        changes.push(Change::Claim {
+                            path: path.clone(),
+                            claim: Some(claim.clone()),
+                        });
+                        claims.insert(path, claim);
+                    }
+                    intents.push(Intent::Cycle { path: path.clone() });
+                }
+                Action::Barrier => {}
+                Action::Pin { thread, cpus } => {
+                    let Some(tid) = thread.tid else {
+                        return Err(ExecError::NotRunning {
+                            thread: thread.to_string(),
+                        });
+                    };
+                    let previous = pins.get(&tid).or_else(|| held.get(&tid).copied()).cloned();
+                    let current = match (&previous, pins.contains_key(&tid)) {
+                        (Some(prev), true) => prev.new.clone(),
+                        _ => match self.host.get_affinity(tid) {
+                            Ok(c) => c,
+                            // QEMU's worker threads come and go: one that exited is not an
+                            // error.
+                            Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => {
+                                applied.vanished += 1;
+                                continue;
+                            }
+                            Err(source) => return Err(pin_error(thread, cpus, source)),
+                        },
+                    };
+                    let record = PinRecord {
+                        tid,
+                        label: previous
+                            .as_ref()
+                            .map_or_else(|| thread.label.clone(), |p| p.label.clone()),
+                        old: previous
+                            .as_ref()
+                            .map_or_else(|| current.clone(), |p| p.old.clone()),
+                        new: cpus.clone(),
+                        start_time: match &previous {
+                            Some(p) => p.start_time,
+                            None => thread.pid.and_then(|pid| self.thread_start(pid, tid)),
+                        },
+                        extra: previous
+                            .as_ref()
+                            .map(|p| p.extra.clone())
+                            .unwrap_or_default(),
+                    };
+                    changes.push(Change::Pin {
+                        vmid: self.vmid,
+                        tid,
+                        pin: Some(record.clone()),
+                    });
+                    pins.insert(tid, record);
+                    intents.push(Intent::Pin {
+                        thread: thread.clone(),
+                        tid,
+                        cpus: cpus.clone(),
+                        current,
+                        previous,
+                    });
+                }
+            }
+        }
+        Ok((intents, changes))
+    }
+
+    /// The claim this VM's write of `value` to `path` leads to, and the intent to make it:
+    /// `claims` holds what this batch already planned. None when nothing is to be done: a
+    /// composed file this VM leaves as it is and nobody holds (no claim needed; one that another
+    /// VM holds is joined even unchanged, so that this VM's CPUs stay out when that VM stops),
+    /// or a refusable target that vanished (an IRQ torn down since /proc/irq was listed).
+    fn claim_intent(
+        &self,
+        path: &str,
+        value: String,
+        compose: Option<Compose>,
+        refusable: bool,
+        (claims, seq): (&HashMap<&str, Claim>, &Cell<u64>),
+        applied: &mut Applied,
+    ) -> Result<Option<(Claim, Intent)>, ExecError> {
+        let op = compose.as_ref().map(|c| c.op);
+        let (current, previous) = match claims.get(path) {
+            Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
+            None => {
+                let previous = self.state.claims.get(path).cloned();
+                let mut words = previous.as_ref().map(managed_words).unwrap_or_default();
+                words.push(value.clone());
+                match self.read_as(path, op, &words) {
+                    Ok(current) => (current, previous),
+                    Err(_) if refusable && !self.root.path(path).exists() => {
+                        applied.vanished += 1;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let mut claim = previous.clone().unwrap_or_else(|| Claim {
+            original: current.clone(),
+            holders: Vec::new(),
+            compose: None,
+            extra: Default::default(),
+        });
+        let composed = compose.is_some();
+        if let Some(mut compose) = compose {
+            // Fields a newer pvetune recorded stay (see `state::Extra`).
+            compose.extra = claim.compose.take().map(|c| c.extra).unwrap_or_default();
+            claim.compose = Some(compose);
+        }
+        self.hold(&mut claim, value, seq);
+        let effective = claim.effective().into_owned();
+        if composed && previous.is_none() && same_value(&current, &effective) {
+            applied.unchanged += 1;
+            return Ok(None);
+        }
+        let intent = Intent::Write {
+            path: path.to_string(),
+            current,
+            effective,
+            previous,
+            refusable,
+            op,
+        };
+        Ok(Some((claim, intent)))
+    }
+
+    /// Makes this VM a holder of `claim` with `value` (replacing its earlier value); a new
+    /// holding takes the next number of this VM's claim order.
+    pub(super) fn hold(&self, claim: &mut Claim, value: String, seq: &Cell<u64>) {
+        match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
+            Some(h) => h.value = value,
+            None => {
+                seq.set(seq.get() + 1);
+                claim.holders.push(Holder {
+                    vmid: self.vmid,
+                    value,
+                    seq: seq.get(),
+                    extra: Default::default(),
+                })
+            }
+        }
+    }
+}
+
+/// Adds a planned claim to the batch: its ledger entry, and what later steps of the batch on
+/// the same path see.
+fn record<'s>(
+    path: &'s str,
+    (claim, intent): (Claim, Intent),
+    claims: &mut HashMap<&'s str, Claim>,
+    changes: &mut Vec<Change>,
+    intents: &mut Vec<Intent>,
+) {
+    changes.push(Change::Claim {
+        path: path.to_string(),
+        claim: Some(claim.clone()),
+    });
+    claims.insert(path, claim);
+    intents.push(intent);
+}
