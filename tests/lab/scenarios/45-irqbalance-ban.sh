@@ -34,6 +34,12 @@ sleep 4
 pvetune status $vmid > /tmp/ib-status.out 2>&1
 cat /tmp/ib-status.out
 check_contains "status shows the ban" /tmp/ib-status.out "irqbalance bans 4-7"
+# What irqbalance itself reports over its socket (`setup`: BANNED) is what pvetune set.
+if grep -q "irqbalance bans.*changed outside" /tmp/ib-status.out; then
+	fail "irqbalance reports another ban than pvetune set: $(grep 'irqbalance bans' /tmp/ib-status.out)"
+else
+	ok "irqbalance itself reports the ban"
+fi
 bad=""
 for dir in /proc/irq/[0-9]*; do
 	read -r list < $dir/smp_affinity_list
