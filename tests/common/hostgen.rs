@@ -321,29 +321,52 @@ fn write_irqs(root: &Path, cores: &[Core], online: &CpuSet, nbits: u32) {
         }
     }
     for (n, action, cpus, node) in irqs {
-        let dir = format!("proc/irq/{n}");
-        put(root, &format!("{dir}/smp_affinity"), &mask(&cpus, nbits));
-        put(root, &format!("{dir}/smp_affinity_list"), &cpus.to_string());
-        let target: CpuSet = cpus.first().into_iter().collect();
-        put(
-            root,
-            &format!("{dir}/effective_affinity"),
-            &mask(&target, nbits),
-        );
-        put(
-            root,
-            &format!("{dir}/effective_affinity_list"),
-            &target.to_string(),
-        );
-        put(root, &format!("{dir}/node"), node);
-        put(
-            root,
-            &format!("{dir}/spurious"),
-            "count 0\nunhandled 0\nlast_unhandled 0 ms",
-        );
+        write_irq(root, n, &cpus, node, nbits);
         // The kernel's (empty) action directory, `<dir>/<action>/`, is left out: git keeps
         // no empty directory, and pvetune never reads it.
         let _ = action;
+    }
+}
+
+/// One `/proc/irq/<n>/` directory with the files the kernel creates for it.
+fn write_irq(root: &Path, n: u32, cpus: &CpuSet, node: &str, nbits: u32) {
+    let dir = format!("proc/irq/{n}");
+    put(root, &format!("{dir}/smp_affinity"), &mask(cpus, nbits));
+    put(root, &format!("{dir}/smp_affinity_list"), &cpus.to_string());
+    let target: CpuSet = cpus.first().into_iter().collect();
+    put(
+        root,
+        &format!("{dir}/effective_affinity"),
+        &mask(&target, nbits),
+    );
+    put(
+        root,
+        &format!("{dir}/effective_affinity_list"),
+        &target.to_string(),
+    );
+    put(root, &format!("{dir}/node"), node);
+    put(
+        root,
+        &format!("{dir}/spurious"),
+        "count 0\nunhandled 0\nlast_unhandled 0 ms",
+    );
+}
+
+/// Adds movable MSI-X IRQs (as a big host's NIC and HBA queues are: any CPU, node 0) after
+/// the ones `write_host` made, numbered from 1024 up, until `/proc/irq` holds `total` IRQs.
+/// For the benchmark (bench/run), whose host has thousands of IRQs.
+pub fn add_msi_irqs(root: &Path, spec: &HostSpec, total: u32) {
+    let cores = layout(spec);
+    let all = union(cores.iter().map(|c| &c.cpus));
+    let nbits = all.last().map_or(1, |l| l + 1);
+    let online = all.difference(&spec.offline);
+    let have = fs::read_dir(root.join("proc/irq"))
+        .expect("proc/irq")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .count() as u32;
+    for k in 0..total.saturating_sub(have) {
+        write_irq(root, 1024 + k, &online, "0", nbits);
     }
 }
 
@@ -467,6 +490,19 @@ fn node(cores: std::ops::Range<u32>, mem_gib: u64) -> NodeSpec {
     }
 }
 
+const ACPI_CPUFREQ: CpuFreqSpec = CpuFreqSpec {
+    driver: "acpi-cpufreq",
+    governors: &[
+        "conservative",
+        "ondemand",
+        "userspace",
+        "powersave",
+        "performance",
+        "schedutil",
+    ],
+    governor: "schedutil",
+};
+
 const INTEL_PSTATE: CpuFreqSpec = CpuFreqSpec {
     driver: "intel_pstate",
     governors: &["performance", "powersave"],
@@ -482,18 +518,7 @@ pub fn example_hosts() -> Vec<(&'static str, HostSpec)> {
         numbering: Numbering::SiblingsLast,
         cores_per_l3: 6,
         nodes: vec![node(0..6, 64), node(6..12, 64)],
-        cpufreq: Some(CpuFreqSpec {
-            driver: "acpi-cpufreq",
-            governors: &[
-                "conservative",
-                "ondemand",
-                "userspace",
-                "powersave",
-                "performance",
-                "schedutil",
-            ],
-            governor: "schedutil",
-        }),
+        cpufreq: Some(ACPI_CPUFREQ),
         isolated: CpuSet::new(),
         offline: CpuSet::new(),
         hybrid: None,
@@ -534,4 +559,28 @@ pub fn example_hosts() -> Vec<(&'static str, HostSpec)> {
         ("intel-hybrid", hybrid),
         ("guest-nocpufreq", guest),
     ]
+}
+
+/// The benchmark's big host (bench/run): 256 CPUs, two packages of 64 cores with SMT numbered
+/// as QEMU guests and Intel clients do (CPUs 2N and 2N + 1 are siblings, so CPUs 0 and 1, the
+/// only ones a 2-CPU machine can pin threads to, are one core), 4 NUMA nodes of 32 cores, 8 L3
+/// domains of 16 cores, acpi-cpufreq on every CPU.
+pub fn bench_host() -> HostSpec {
+    HostSpec {
+        packages: 2,
+        cores_per_package: 64,
+        threads_per_core: 2,
+        numbering: Numbering::Interleaved,
+        cores_per_l3: 16,
+        nodes: vec![
+            node(0..32, 128),
+            node(32..64, 128),
+            node(64..96, 128),
+            node(96..128, 128),
+        ],
+        cpufreq: Some(ACPI_CPUFREQ),
+        isolated: CpuSet::new(),
+        offline: CpuSet::new(),
+        hybrid: None,
+    }
 }
