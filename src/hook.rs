@@ -95,9 +95,9 @@ pub fn run_hook<H: Host>(env: &Env, host: &H, vmid: u32, phase: Phase) -> Result
 /// [`run_hook`] on a given ledger store (tests count its writes through it).
 ///
 /// Ledger cost: everything the run changes is journaled in batches (reconcile's rollbacks, the
-/// VM's record, the phase's plan as one batch), and one compaction at the end folds the
-/// journal into the snapshot: a constant number of full rewrites per run, whatever the size of
-/// the plan.
+/// VM's record, the phase's plan as one batch), and the compaction at the end folds the
+/// journal into the snapshot once it is a quarter of the snapshot's size: at most one full
+/// rewrite per run, amortised linear in the changes (`Store::compact`).
 pub fn run_hook_with<H: Host>(
     env: &Env,
     host: &H,

@@ -19,7 +19,8 @@
 //!
 //! - `state.json` is a *snapshot*: the whole [`State`], with its format `version` and a
 //!   `generation`. It is only ever replaced whole ([`Store::save`]: temp file, fsync, rename,
-//!   directory fsync), at most a couple of times per phase (the compaction at its end).
+//!   directory fsync), at most a couple of times per phase (the compaction at its end, once
+//!   the journal is a quarter of the snapshot's size: `Store::compact`).
 //! - `state.journal` holds the [`Change`]s made since that snapshot: one JSON line per batch
 //!   (a phase's whole plan, or a whole rollback), each appended with one write and one
 //!   fdatasync ([`Store::append`]). A line names the generation of the snapshot it follows.

@@ -220,7 +220,7 @@ fn lines_of_an_older_generation_are_ignored() {
             }],
         )
         .unwrap();
-    store.compact(&mut state).unwrap();
+    store.save(&mut state).unwrap();
     // As if the journal's removal after the rename had been lost.
     fs::write(dir.file(JOURNAL_FILE), &stale).unwrap();
     let loaded = dir.store().load().unwrap();
@@ -383,7 +383,7 @@ fn fields_this_version_does_not_know_survive_a_change_and_compaction() {
             &[claim("/proc/sys/vm/stat_interval", 100, "120")],
         )
         .unwrap();
-    store.compact(&mut state).unwrap();
+    store.save(&mut state).unwrap();
     let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["generation"], 5, "{text}");
@@ -508,4 +508,37 @@ fn a_run_directory_others_could_write_or_a_link_is_refused() {
     let err = store.lock().err().unwrap().to_string();
     assert!(err.contains("it is a symbolic link"), "{err}");
     assert!(!real.join(LOCK_FILE).exists());
+}
+
+#[test]
+fn compaction_waits_until_the_journal_is_a_quarter_of_the_snapshot() {
+    let dir = Dir::new("threshold");
+    let store = dir.store();
+    let mut state = store.load().unwrap();
+    let irqs: Vec<Change> = (0..1000)
+        .map(|i| claim(&format!("/proc/irq/{i}/smp_affinity_list"), 100, "3"))
+        .collect();
+    store.append(&mut state, &irqs).unwrap();
+    store.save(&mut state).unwrap();
+    let rewrites = store.stats().rewrites;
+    // A post-start's few pins next to a thousand claims: one line, no rewrite.
+    store
+        .append(&mut state, &[pin(1000, 2), pin(1001, 3)])
+        .unwrap();
+    store.compact(&mut state).unwrap();
+    assert_eq!(store.stats().rewrites, rewrites, "a small journal stays");
+    assert!(dir.file(JOURNAL_FILE).exists());
+    assert_eq!(dir.store().load().unwrap(), state, "and is replayed");
+    // A post-stop that releases them all: the journal outgrows a quarter of the snapshot.
+    let release: Vec<Change> = (0..1000)
+        .map(|i| Change::Claim {
+            path: format!("/proc/irq/{i}/smp_affinity_list"),
+            claim: None,
+        })
+        .collect();
+    store.append(&mut state, &release).unwrap();
+    store.compact(&mut state).unwrap();
+    assert_eq!(store.stats().rewrites, rewrites + 1, "folded");
+    assert!(!dir.file(JOURNAL_FILE).exists());
+    assert_eq!(dir.store().load().unwrap(), state);
 }
