@@ -337,3 +337,36 @@ fn a_crashed_isolated_vm_gives_back_its_cpus_at_the_next_hook() {
     stop(&root.path, 102, &mut c);
     assert_eq!(snapshot(&root.path), before);
 }
+
+/// IRQ 35 had only VM 100's CPUs (6,18), so with VM 100 running it is on the fallback, the
+/// housekeeping CPUs; VM 101 joins the claim. Whichever stops first, the IRQ ends where the
+/// other VM alone puts it: a stopped VM's CPUs come back to it. Before, the fallback recorded
+/// was the latest claimer's housekeeping view, which had both VMs' CPUs out, and after VM 101
+/// stopped the IRQ stayed off its CPUs (found by tests/crash_syscalls.rs).
+#[test]
+fn an_irq_on_the_fallback_gets_a_stopped_vms_cpus_back_in_either_stop_order() {
+    let irq35 = "/proc/irq/35/smp_affinity_list";
+    for first in [101u32, 100] {
+        let root = host_copy("ryzen-5900x");
+        add_vm(&root.path, 101, VMS[1].1);
+        let before = snapshot(&root.path);
+        let mut a = start(&root.path, 100);
+        assert_eq!(set(read(&root.path, irq35).trim()), set("0-5,12-17"));
+        let mut b = start(&root.path, 101);
+        assert_eq!(set(read(&root.path, irq35).trim()), set("0-2,12-14"));
+        let (alone, vm) = if first == 101 {
+            ("0-5,12-17\n", &mut b)
+        } else {
+            ("6,18\n", &mut a)
+        };
+        stop(&root.path, first, vm);
+        assert_eq!(read(&root.path, irq35), alone, "VM {first} stopped first");
+        let (last, vm) = if first == 101 {
+            (100, &mut a)
+        } else {
+            (101, &mut b)
+        };
+        stop(&root.path, last, vm);
+        assert_eq!(snapshot(&root.path), before, "VM {first} stopped first");
+    }
+}

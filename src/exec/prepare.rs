@@ -62,10 +62,33 @@ impl<H: Host> Executor<'_, H> {
                     fallback,
                     refusable,
                 } => {
+                    // The CPUs of the VMs that hold the claim already stay in its fallback
+                    // (the value takes them out anyway): the latest claimer's housekeeping has
+                    // them out, and recording only that would keep an IRQ that had only VM
+                    // CPUs off a holder's CPUs after that holder stopped. Each claimer's own
+                    // usable CPUs are in its fallback (tunables/irqs.rs), so by induction the
+                    // old fallback has every holder's.
+                    let fallback = match claims
+                        .get(path.as_str())
+                        .or_else(|| self.state.claims.get(path))
+                    {
+                        Some(Claim {
+                            compose: Some(old),
+                            holders,
+                            ..
+                        }) if old.op == ComposeOp::Exclude => {
+                            let held = holders
+                                .iter()
+                                .filter_map(|h| h.value.parse::<CpuSet>().ok())
+                                .fold(CpuSet::new(), |acc, c| acc.union(&c));
+                            fallback.union(&old.fallback.intersection(&held))
+                        }
+                        _ => fallback.clone(),
+                    };
                     let compose = Compose {
                         op: ComposeOp::Exclude,
                         format: *format,
-                        fallback: fallback.clone(),
+                        fallback,
                         base: CpuSet::new(),
                         extra: Default::default(),
                     };

@@ -25,14 +25,22 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
         return;
     };
     let cpus = &inp.profile.cpus.value;
-    let fallback = housekeeping(inp);
-    if fallback.is_empty() {
+    let housekeeping = housekeeping(inp);
+    if housekeeping.is_empty() {
         plan.skipped.push(Skip {
             tunable: TUNABLE,
             reason: "no housekeeping CPU would be left for the host's IRQs".into(),
         });
         return;
     }
+    // The recorded fallback keeps this VM's own usable CPUs: the claim takes them out of the
+    // value anyway (`Claim::effective` subtracts every holder's CPUs from the fallback too),
+    // so nothing changes while the VM runs, but once it stops they come back to an IRQ that
+    // only had VM CPUs. With the plain housekeeping set, a VM that joined a claim another VM
+    // held left its CPUs out of such an IRQ after its stop (IRQ 35 of the Ryzen fixture,
+    // found by tests/crash_syscalls.rs). `prepare` keeps the other holders' CPUs the same way.
+    let usable = inp.topology.online.difference(&inp.topology.isolated);
+    let fallback = housekeeping.union(&cpus.intersection(&usable));
     let exclude = |path: String, format, refusable| Step {
         tunable: TUNABLE,
         action: Action::Exclude {
