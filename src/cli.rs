@@ -27,7 +27,7 @@ Exit codes:
 #[command(
     name = "pvetune",
     version,
-    about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, IRQs off its CPUs, governor, sysctls, with full rollback",
+    about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, an isolated cpuset partition, IRQs and irqbalance off its CPUs, governor, sysctls, with full rollback",
     override_usage = "pvetune [OPTIONS] <VMID> <PHASE>\n       pvetune [OPTIONS] <COMMAND>",
     after_help = AFTER_HELP
 )]
