@@ -28,15 +28,21 @@ pub fn read(path: &Path) -> io::Result<String> {
 /// longer than `limit` bytes is refused with `InvalidData` after reading at most `limit + 1`
 /// of them, so a file that is not what it should be costs neither time nor memory.
 pub fn read_at_most(path: &Path, limit: usize) -> io::Result<String> {
+    thread_local! {
+        /// The first read's buffer, zeroed once per thread rather than once per file (a phase
+        /// reads thousands of IRQ files).
+        static FIRST: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; FIRST_READ]);
+    }
     let mut file = File::open(path)?;
-    let mut buf = vec![0; FIRST_READ];
-    let n = loop {
-        match file.read(&mut buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => break other?,
-        }
-    };
-    buf.truncate(n);
+    let (mut buf, n) = FIRST.with_borrow_mut(|first| {
+        let n = loop {
+            match file.read(first) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => break other?,
+            }
+        };
+        io::Result::Ok((first[..n].to_vec(), n))
+    })?;
     if n == FIRST_READ {
         let more = limit.saturating_sub(n).saturating_add(1);
         (&mut file).take(more as u64).read_to_end(&mut buf)?;

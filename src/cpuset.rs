@@ -123,6 +123,12 @@ impl CpuSet {
                     limit: nbits,
                 });
             }
+            // A plain range (no group, or a group that uses every CPU of its size) is one
+            // word-wise insert, not one per CPU.
+            if used == size {
+                set.insert_range(start, end.saturating_add(1));
+                continue;
+            }
             let mut base = start;
             while base <= end {
                 let top = base.saturating_add(used).min(end.saturating_add(1));
@@ -263,10 +269,48 @@ impl CpuSet {
     /// CPUs in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.words.iter().enumerate().flat_map(|(index, &word)| {
-            (0..64u32)
-                .filter(move |bit| word & (1 << bit) != 0)
-                .map(move |bit| index as u32 * 64 + bit)
+            // One step per set bit (the lowest one, then cleared), not one per bit.
+            std::iter::successors((word != 0).then_some(word), |w| {
+                let rest = w & (w - 1);
+                (rest != 0).then_some(rest)
+            })
+            .map(move |w| index as u32 * 64 + w.trailing_zeros())
         })
+    }
+
+    /// The runs of consecutive CPUs, `(first, last)` in ascending order: a word at a time,
+    /// whatever the runs' lengths (what the cpulist text and its parsing cost per set).
+    pub fn ranges(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let mut from = 0u32;
+        std::iter::from_fn(move || {
+            let first = self.next_from(from, false)?;
+            let end = self
+                .next_from(first, true)
+                .unwrap_or(self.words.len() as u32 * 64);
+            from = end;
+            Some((first, end - 1))
+        })
+    }
+
+    /// The first CPU at or after `from` that is in the set (`clear`: that is not in it; None
+    /// past the last word).
+    fn next_from(&self, from: u32, clear: bool) -> Option<u32> {
+        let mut index = (from / 64) as usize;
+        let mut word = *self.words.get(index)?;
+        if clear {
+            word = !word;
+        }
+        word &= u64::MAX << (from % 64);
+        loop {
+            if word != 0 {
+                return Some(index as u32 * 64 + word.trailing_zeros());
+            }
+            index += 1;
+            word = *self.words.get(index)?;
+            if clear {
+                word = !word;
+            }
+        }
     }
 
     pub fn union(&self, other: &CpuSet) -> CpuSet {
@@ -350,13 +394,8 @@ impl std::str::FromStr for CpuSet {
 impl fmt::Display for CpuSet {
     /// The kernel's `%*pbl` form: `0-5,12-17`; the empty set prints as an empty string.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut cpus = self.iter().peekable();
         let mut first = true;
-        while let Some(start) = cpus.next() {
-            let mut end = start;
-            while cpus.peek() == Some(&(end + 1)) {
-                end = cpus.next().unwrap_or(end);
-            }
+        for (start, end) in self.ranges() {
             if !first {
                 f.write_str(",")?;
             }
@@ -394,6 +433,44 @@ impl<'de> serde::Deserialize<'de> for CpuSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-wise `iter`, `ranges` and cpulist text against one bit at a time, on sets
+    /// with runs that start, end and cross word boundaries (pseudo-random, reproducible).
+    #[test]
+    fn word_wise_runs_match_bit_by_bit() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..2000 {
+            let nbits = 1 + (round % 300) as u32;
+            let mut set = CpuSet::new();
+            let mut bits = Vec::new();
+            for cpu in 0..nbits {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Long runs as often as lone CPUs.
+                if (seed % 8) < (round % 9) as u64 {
+                    set.insert(cpu);
+                    bits.push(cpu);
+                }
+            }
+            assert_eq!(set.iter().collect::<Vec<_>>(), bits);
+            let mut naive = Vec::new();
+            for &cpu in &bits {
+                match naive.last_mut() {
+                    Some((_, last)) if *last + 1 == cpu => *last = cpu,
+                    _ => naive.push((cpu, cpu)),
+                }
+            }
+            assert_eq!(set.ranges().collect::<Vec<_>>(), naive);
+            let text = set.to_string();
+            assert_eq!(text.parse::<CpuSet>().unwrap(), set, "{text}");
+        }
+        let full = CpuSet::range(0, 127);
+        assert_eq!(full.ranges().collect::<Vec<_>>(), [(0, 127)]);
+        assert_eq!(full.to_string(), "0-127");
+        assert_eq!(CpuSet::range(63, 64).to_string(), "63-64");
+        assert_eq!(CpuSet::new().to_string(), "");
+    }
 
     #[test]
     fn exclude_takes_cpus_out_and_never_leaves_none() {

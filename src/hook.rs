@@ -138,17 +138,26 @@ pub fn run_hook_with<H: Host>(
                 e => Err(e),
             })
     };
-    let Some(held) = load()? else {
-        return Ok(String::new());
-    };
-    if loaded.is_none() && held.is_empty() {
-        log::debug!("VM {vmid}: no profile, nothing held: nothing to do");
-        return Ok(String::new());
+    // The fast path of a VM without a profile: a look at the ledger without the node lock, and
+    // nothing more when nothing is held. A VM with a profile goes straight to the lock and
+    // reads the ledger once (it may be megabytes: one claim per IRQ).
+    if unrelated {
+        let Some(held) = load()? else {
+            return Ok(String::new());
+        };
+        if held.is_empty() {
+            log::debug!("VM {vmid}: no profile, nothing held: nothing to do");
+            return Ok(String::new());
+        }
     }
     let result = store.lock().map_err(Error::from).and_then(|_lock| {
         let Some(mut state) = load()? else {
             return Ok(String::new());
         };
+        if loaded.is_none() && state.is_empty() {
+            log::debug!("VM {vmid}: nothing held: nothing to do");
+            return Ok(String::new());
+        }
         let result = run_phase(env, host, store, &mut state, vmid, phase, loaded);
         // After a failure too: what the journal holds is valid either way, this only keeps it
         // short.

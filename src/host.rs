@@ -13,6 +13,12 @@ use std::path::Path;
 pub trait Host {
     /// Reads a whole kernel file.
     fn read(&self, path: &Path) -> io::Result<String>;
+    /// Reads a one-value kernel attribute (an IRQ's affinity, a sysctl, a cgroup's cpuset
+    /// file): one `read` where [`Host::read`] needs a second to see the end (thousands of IRQs
+    /// per phase). Never for files of many records (`cgroup.threads`): see `attr::read`.
+    fn read_value(&self, path: &Path) -> io::Result<String> {
+        self.read(path)
+    }
     /// Writes a kernel attribute in a single write; never creates a file, so a misspelled
     /// attribute is an error instead of a stray file.
     fn write(&self, path: &Path, value: &str) -> io::Result<()>;
@@ -27,6 +33,9 @@ pub trait Host {
 impl<H: Host + ?Sized> Host for &H {
     fn read(&self, path: &Path) -> io::Result<String> {
         (**self).read(path)
+    }
+    fn read_value(&self, path: &Path) -> io::Result<String> {
+        (**self).read_value(path)
     }
     fn write(&self, path: &Path, value: &str) -> io::Result<()> {
         (**self).write(path, value)
@@ -56,6 +65,10 @@ impl Host for RealHost {
         let mut text = String::new();
         File::open(path)?.take(u64::MAX).read_to_string(&mut text)?;
         Ok(text)
+    }
+
+    fn read_value(&self, path: &Path) -> io::Result<String> {
+        crate::attr::read(path)
     }
 
     fn write(&self, path: &Path, value: &str) -> io::Result<()> {
@@ -118,6 +131,9 @@ impl<H: Host> FailAt<H> {
 impl<H: Host> Host for FailAt<H> {
     fn read(&self, path: &Path) -> io::Result<String> {
         self.inner.read(path)
+    }
+    fn read_value(&self, path: &Path) -> io::Result<String> {
+        self.inner.read_value(path)
     }
     fn write(&self, path: &Path, value: &str) -> io::Result<()> {
         self.tick()?;

@@ -40,7 +40,7 @@ pub fn read_claimed(
             Err(e) => Err(e),
         },
         Some(ComposeOp::Ban) => super::irqbalance::read_banned(root, path),
-        _ => host.read(&root.path(path)),
+        _ => host.read_value(&root.path(path)),
     }
 }
 

@@ -162,23 +162,38 @@ impl<H: Host> Executor<'_, H> {
         if claim.op() == Some(ComposeOp::Ban) {
             return Ok(self.release_ban(path, claim));
         }
+        let mut rest = claim.clone();
+        rest.holders.retain(|h| h.vmid != self.vmid);
+        let released = || Change::Claim {
+            path: path.to_string(),
+            claim: (!rest.holders.is_empty()).then(|| rest.clone()),
+        };
+        if claim.op() == Some(ComposeOp::Exclude) {
+            // IRQ affinities, thousands per VM: written back without reading them first, as
+            // the value to put back depends only on the claim (a file that no longer holds
+            // what pvetune set is shown by `status` while the VM runs). An IRQ freed since is
+            // gone with its file.
+            return match self.write_if_different(path, "", &rest.effective()) {
+                Err(ExecError::Write { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    log::debug!("{path} is gone: nothing to restore");
+                    Ok(Some(released()))
+                }
+                Err(e) => Err(e),
+                Ok(_) => Ok(Some(released())),
+            };
+        }
         let current = match self.read_as(path, claim.op(), &managed_words(claim)) {
             Ok(current) => current,
             // A file that is gone went with its cgroup (systemd removes a VM's scope when
             // QEMU exits) or its IRQ: there is nothing left to put back.
             Err(ExecError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 log::debug!("{path} is gone: nothing to restore");
-                let mut rest = claim.clone();
-                rest.holders.retain(|h| h.vmid != self.vmid);
-                return Ok(Some(Change::Claim {
-                    path: path.to_string(),
-                    claim: (!rest.holders.is_empty()).then_some(rest),
-                }));
+                return Ok(Some(released()));
             }
             Err(e) => return Err(e),
         };
-        let mut rest = claim.clone();
-        rest.holders.retain(|h| h.vmid != self.vmid);
         // A file that already holds what it is to hold is a release done again after a crash.
         if claim.holders.last().is_some_and(|h| h.vmid == self.vmid)
             && !same_value(&current, &claim.effective())
@@ -191,10 +206,7 @@ impl<H: Host> Executor<'_, H> {
             );
         }
         self.put(path, &current, &rest.effective(), claim.op())?;
-        Ok(Some(Change::Claim {
-            path: path.to_string(),
-            claim: (!rest.holders.is_empty()).then_some(rest),
-        }))
+        Ok(Some(released()))
     }
 
     /// A thread's start time (field 22 of its stat), None when it is gone or unreadable.

@@ -343,7 +343,7 @@ impl Store {
         }
         let generation = state.generation + 1;
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let mut text = serde_json::to_string_pretty(&SnapshotRef {
+        let mut text = serde_json::to_string(&SnapshotRef {
             version: FORMAT_VERSION,
             generation,
             vms: &state.vms,

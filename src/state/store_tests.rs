@@ -265,7 +265,7 @@ fn format_1_loads_and_is_rewritten_as_format_2() {
         .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
         .unwrap();
     let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
-    assert!(text.contains("\"version\": 2"), "{text}");
+    assert!(text.contains("\"version\":2"), "{text}");
     assert_eq!(dir.store().load().unwrap(), state);
 }
 
@@ -278,7 +278,7 @@ fn newer_or_corrupt_ledgers_are_refused_with_their_path() {
     let snapshot = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
     fs::write(
         dir.file(STATE_FILE),
-        snapshot.replace("\"version\": 2", "\"version\": 3"),
+        snapshot.replace("\"version\":2", "\"version\":3"),
     )
     .unwrap();
     let err = store.load().unwrap_err().to_string();
