@@ -90,8 +90,9 @@ enum Intent {
         path: String,
         current: String,
         effective: String,
-        /// The claim before this change (None: there was none), what undo puts back.
-        previous: Option<Claim>,
+        /// The claim before this change (None: there was none), what undo puts back. Boxed:
+        /// most writes are new claims (one per IRQ), and an intent is kept per write.
+        previous: Option<Box<Claim>>,
         /// The kernel may refuse this write (see `Action::Exclude`): a skip, not a failure.
         refusable: bool,
         /// How the file is read and written (`Words` and `Dir` are not plain text writes).
@@ -114,7 +115,8 @@ enum Intent {
         tid: i32,
         cpus: CpuSet,
         current: CpuSet,
-        previous: Option<PinRecord>,
+        /// Boxed as `Write::previous` is: an intent is kept per change of a batch.
+        previous: Option<Box<PinRecord>>,
     },
 }
 
@@ -164,7 +166,7 @@ impl<'a, H: Host> Executor<'a, H> {
         applied: &mut Applied,
     ) -> Result<Vec<Intent>, ExecError> {
         let (intents, changes) = self.prepare(steps, applied)?;
-        self.store.append(&mut self.state, &changes)?;
+        self.store.append(&mut self.state, changes)?;
         let mut gone = Vec::new();
         for (i, intent) in intents.iter().enumerate() {
             match self.perform(intent) {
@@ -186,7 +188,7 @@ impl<'a, H: Host> Executor<'a, H> {
                         // The file is as it was: the claim goes back to what it was.
                         gone.push(Change::Claim {
                             path: path.clone(),
-                            claim: previous.clone(),
+                            claim: previous.as_deref().cloned(),
                         });
                         if is_ban(intent) {
                             // Not the kernel's: irqbalance, which is optional.
@@ -279,18 +281,18 @@ impl<'a, H: Host> Executor<'a, H> {
     /// Journals changes of this VM's entries; a VM record left with nothing in it (one that
     /// only pins of this batch had created) goes with them.
     fn journal(&mut self, changes: Vec<Change>) -> Result<(), StateError> {
-        self.store.append(&mut self.state, &changes)?;
+        self.store.append(&mut self.state, changes)?;
         if self
             .state
             .vms
             .get(&self.vmid)
             .is_some_and(|r| *r == VmRecord::default())
         {
-            let drop = [Change::Vm {
+            let drop = vec![Change::Vm {
                 vmid: self.vmid,
                 record: None,
             }];
-            self.store.append(&mut self.state, &drop)?;
+            self.store.append(&mut self.state, drop)?;
         }
         Ok(())
     }
@@ -339,7 +341,7 @@ impl<'a, H: Host> Executor<'a, H> {
 fn refused<'i>(
     intent: &'i Intent,
     error: &ExecError,
-) -> Option<(&'i String, String, &'i Option<Claim>)> {
+) -> Option<(&'i String, String, &'i Option<Box<Claim>>)> {
     let (
         Intent::Write {
             path,

@@ -274,7 +274,7 @@ fn execute<H: Host>(
         vmid,
         record: Some(record),
     };
-    store.append(state, &[record])?;
+    store.append(state, vec![record])?;
     for skip in &plan.skipped {
         log::warn!(
             "VM {vmid} {phase}: {} skipped: {}",
@@ -301,7 +301,7 @@ fn execute<H: Host>(
             vmid,
             record: Some(record),
         };
-        if let Err(e) = store.append(state, &[change]) {
+        if let Err(e) = store.append(state, vec![change]) {
             log::warn!("ledger: the refused IRQs are not recorded for status: {e}");
         }
     }

@@ -411,39 +411,41 @@ impl State {
     /// Applies changes in order, in time linear in their number (replaying a journal, or
     /// mirroring in memory what was just journaled). Pins are looked up by tid through an
     /// index built once per VM touched, not by a search of the pin list per change.
-    pub fn apply(&mut self, changes: &[Change]) {
+    /// The changes are moved into the ledger, not copied (a pre-start's batch holds a claim
+    /// per IRQ).
+    pub fn apply(&mut self, changes: Vec<Change>) {
         // vmid -> that VM's pins being edited (None: removed), and tid -> position in them.
         let mut editing: HashMap<u32, PinEdit> = HashMap::new();
         for change in changes {
             match change {
                 Change::Claim { path, claim } => match claim {
                     Some(claim) => {
-                        self.claims.insert(path.clone(), claim.clone());
+                        self.claims.insert(path, claim);
                     }
                     None => {
-                        self.claims.remove(path);
+                        self.claims.remove(&path);
                     }
                 },
                 Change::Vm { vmid, record } => {
                     // The whole record, pins included, replaces any edit in progress.
-                    editing.remove(vmid);
+                    editing.remove(&vmid);
                     match record {
-                        Some(record) => self.vms.insert(*vmid, record.clone()),
-                        None => self.vms.remove(vmid),
+                        Some(record) => self.vms.insert(vmid, record),
+                        None => self.vms.remove(&vmid),
                     };
                 }
                 Change::Pin { vmid, tid, pin } => {
-                    let edit = match editing.entry(*vmid) {
+                    let edit = match editing.entry(vmid) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
                             // Removing a pin of a VM that has no record: nothing to do.
-                            if pin.is_none() && !self.vms.contains_key(vmid) {
+                            if pin.is_none() && !self.vms.contains_key(&vmid) {
                                 continue;
                             }
-                            e.insert(PinEdit::take(self.vms.entry(*vmid).or_default()))
+                            e.insert(PinEdit::take(self.vms.entry(vmid).or_default()))
                         }
                     };
-                    edit.set(*tid, pin.clone());
+                    edit.set(tid, pin);
                 }
             }
         }

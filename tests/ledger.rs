@@ -110,7 +110,7 @@ fn batch_costs(n: usize) -> [StoreStats; 3] {
     store
         .append(
             &mut state,
-            &[Change::Vm {
+            vec![Change::Vm {
                 vmid: 100,
                 record: Some(record),
             }],

@@ -24,7 +24,6 @@ use crate::irqbalance::{self, IrqbalanceError, pid_of_socket, restore_arg_of};
 use crate::root::{Root, paths};
 use crate::state::{Change, Claim, Compose, ComposeOp};
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -86,11 +85,11 @@ impl<H: Host> Executor<'_, H> {
         &self,
         socket: &str,
         cpus: &CpuSet,
-        (claims, seq): (&HashMap<&str, Claim>, &Cell<u64>),
+        (claims, seq): (&super::prepare::Batch, &Cell<u64>),
         applied: &mut super::Applied,
     ) -> Option<(Claim, Intent)> {
         let previous = claims
-            .get(socket)
+            .claim(socket)
             .or_else(|| self.state.claims.get(socket))
             .cloned();
         let (current, mut claim) = match &previous {
@@ -132,7 +131,7 @@ impl<H: Host> Executor<'_, H> {
             path: socket.to_string(),
             current,
             effective: claim.effective().into_owned(),
-            previous,
+            previous: previous.map(Box::new),
             refusable: true,
             op: Some(ComposeOp::Ban),
         };

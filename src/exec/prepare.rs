@@ -18,10 +18,9 @@ impl<H: Host> Executor<'_, H> {
         applied: &mut Applied,
     ) -> Result<(Vec<Intent>, Vec<Change>), ExecError> {
         let mut intents = Vec::with_capacity(steps.len());
-        let mut changes = Vec::with_capacity(steps.len());
         // Entries as this batch leaves them so far: a path or thread that comes twice sees its
         // first change, and the value it will hold by then, without a lookup in a list.
-        let mut claims: HashMap<&str, Claim> = HashMap::new();
+        let mut claims = Batch::with_capacity(steps.len());
         let mut pins: HashMap<i32, PinRecord> = HashMap::new();
         // The order of this VM's claims, which its rollback reverses (see `Holder::seq`).
         let seq = Cell::new(
@@ -53,7 +52,7 @@ impl<H: Host> Executor<'_, H> {
                     else {
                         continue;
                     };
-                    record(path, intent, &mut claims, &mut changes, &mut intents);
+                    record(path, intent, &mut claims, &mut intents);
                 }
                 Action::Exclude {
                     path,
@@ -68,9 +67,7 @@ impl<H: Host> Executor<'_, H> {
                     // CPUs off a holder's CPUs after that holder stopped. Each claimer's own
                     // usable CPUs are in its fallback (tunables/irqs.rs), so by induction the
                     // old fallback has every holder's.
-                    let fallback = match claims
-                        .get(path.as_str())
-                        .or_else(|| self.state.claims.get(path))
+                    let fallback = match claims.claim(path).or_else(|| self.state.claims.get(path))
                     {
                         Some(Claim {
                             compose: Some(old),
@@ -103,7 +100,7 @@ impl<H: Host> Executor<'_, H> {
                     else {
                         continue;
                     };
-                    record(path, intent, &mut claims, &mut changes, &mut intents);
+                    record(path, intent, &mut claims, &mut intents);
                 }
                 Action::Include { .. } | Action::Enable { .. } | Action::Mkdir { .. } => {
                     let (path, op, value) = match &step.action {
@@ -121,13 +118,13 @@ impl<H: Host> Executor<'_, H> {
                     if let Some(intent) =
                         self.claim_intent(path, value, compose, false, planned, applied)?
                     {
-                        record(path, intent, &mut claims, &mut changes, &mut intents);
+                        record(path, intent, &mut claims, &mut intents);
                     }
                 }
                 Action::Ban { socket, cpus } => {
                     let planned = (&claims, &seq);
                     if let Some(intent) = self.ban_intent(socket, cpus, planned, applied) {
-                        record(socket, intent, &mut claims, &mut changes, &mut intents);
+                        record(socket, intent, &mut claims, &mut intents);
                     }
                 }
                 Action::Move { thread, cgroup } => {
@@ -166,11 +163,7 @@ impl<H: Host> Executor<'_, H> {
                     let found =
                         self.claim_intent(path, "1".into(), None, false, planned, applied)?;
                     if let Some((claim, _)) = found {
-                        changes.push(Change::Claim {
-                            path: path.clone(),
-                            claim: Some(claim.clone()),
-                        });
-                        claims.insert(path, claim);
+                        claims.push_claim(path, claim);
                     }
                     intents.push(Intent::Cycle { path: path.clone() });
                 }
@@ -213,7 +206,7 @@ impl<H: Host> Executor<'_, H> {
                             .map(|p| p.extra.clone())
                             .unwrap_or_default(),
                     };
-                    changes.push(Change::Pin {
+                    claims.changes.push(Change::Pin {
                         vmid: self.vmid,
                         tid,
                         pin: Some(record.clone()),
@@ -224,12 +217,12 @@ impl<H: Host> Executor<'_, H> {
                         tid,
                         cpus: cpus.clone(),
                         current,
-                        previous,
+                        previous: previous.map(Box::new),
                     });
                 }
             }
         }
-        Ok((intents, changes))
+        Ok((intents, claims.changes))
     }
 
     /// The claim this VM's write of `value` to `path` leads to, and the intent to make it:
@@ -243,11 +236,11 @@ impl<H: Host> Executor<'_, H> {
         value: String,
         compose: Option<Compose>,
         refusable: bool,
-        (claims, seq): (&HashMap<&str, Claim>, &Cell<u64>),
+        (claims, seq): (&Batch, &Cell<u64>),
         applied: &mut Applied,
     ) -> Result<Option<(Claim, Intent)>, ExecError> {
         let op = compose.as_ref().map(|c| c.op);
-        let (current, previous) = match claims.get(path) {
+        let (current, previous) = match claims.claim(path) {
             Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
             None => {
                 let previous = self.state.claims.get(path).cloned();
@@ -285,7 +278,7 @@ impl<H: Host> Executor<'_, H> {
             path: path.to_string(),
             current,
             effective,
-            previous,
+            previous: previous.map(Box::new),
             refusable,
             op,
         };
@@ -299,6 +292,8 @@ impl<H: Host> Executor<'_, H> {
             Some(h) => h.value = value,
             None => {
                 seq.set(seq.get() + 1);
+                // Most claims have one holder: no room for four (a claim per IRQ).
+                claim.holders.reserve_exact(1);
                 claim.holders.push(Holder {
                     vmid: self.vmid,
                     value,
@@ -310,19 +305,46 @@ impl<H: Host> Executor<'_, H> {
     }
 }
 
+/// The ledger entries of a batch being prepared, and where each path's claim is among them:
+/// what a later step on the same path sees, without a copy of the claim.
+pub(super) struct Batch<'s> {
+    pub(super) changes: Vec<Change>,
+    at: HashMap<&'s str, usize>,
+}
+
+impl<'s> Batch<'s> {
+    fn with_capacity(steps: usize) -> Self {
+        Batch {
+            changes: Vec::with_capacity(steps),
+            at: HashMap::new(),
+        }
+    }
+
+    /// The claim on `path` as this batch leaves it so far (None: not planned yet).
+    pub(super) fn claim(&self, path: &str) -> Option<&Claim> {
+        match self.changes.get(*self.at.get(path)?)? {
+            Change::Claim { claim, .. } => claim.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn push_claim(&mut self, path: &'s str, claim: Claim) {
+        self.at.insert(path, self.changes.len());
+        self.changes.push(Change::Claim {
+            path: path.to_string(),
+            claim: Some(claim),
+        });
+    }
+}
+
 /// Adds a planned claim to the batch: its ledger entry, and what later steps of the batch on
 /// the same path see.
 fn record<'s>(
     path: &'s str,
     (claim, intent): (Claim, Intent),
-    claims: &mut HashMap<&'s str, Claim>,
-    changes: &mut Vec<Change>,
+    claims: &mut Batch<'s>,
     intents: &mut Vec<Intent>,
 ) {
-    changes.push(Change::Claim {
-        path: path.to_string(),
-        claim: Some(claim.clone()),
-    });
-    claims.insert(path, claim);
+    claims.push_claim(path, claim);
     intents.push(intent);
 }

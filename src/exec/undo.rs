@@ -20,12 +20,12 @@ impl<H: Host> Executor<'_, H> {
             let undone = match intent {
                 Intent::Write { path, previous, .. } if i > failed => Ok(Change::Claim {
                     path: path.clone(),
-                    claim: previous.clone(),
+                    claim: previous.as_deref().cloned(),
                 }),
                 Intent::Pin { tid, previous, .. } if i > failed => Ok(Change::Pin {
                     vmid: self.vmid,
                     tid: *tid,
-                    pin: previous.clone(),
+                    pin: previous.as_deref().cloned(),
                 }),
                 Intent::Write {
                     path,
@@ -48,7 +48,7 @@ impl<H: Host> Executor<'_, H> {
                     now.and_then(|now| self.put(path, &now, before, *op))
                         .map(|_| Change::Claim {
                             path: path.clone(),
-                            claim: previous.clone(),
+                            claim: previous.as_deref().cloned(),
                         })
                 }
                 Intent::Move { tid, from, .. } if i < failed => {
@@ -82,7 +82,7 @@ impl<H: Host> Executor<'_, H> {
                 } => self.restore_affinity(*tid, before).map(|()| Change::Pin {
                     vmid: self.vmid,
                     tid: *tid,
-                    pin: previous.clone(),
+                    pin: previous.as_deref().cloned(),
                 }),
             };
             match undone {
@@ -146,7 +146,7 @@ impl<H: Host> Executor<'_, H> {
         } else {
             changes.extend(unpinned);
         }
-        if let Err(e) = self.store.append(&mut self.state, &changes) {
+        if let Err(e) = self.store.append(&mut self.state, changes) {
             errors.push(e.into());
         }
         errors

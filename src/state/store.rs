@@ -218,7 +218,7 @@ impl Store {
                 });
             }
             if entry.generation == state.generation {
-                state.apply(&entry.changes);
+                state.apply(entry.changes);
                 replayed += 1;
             }
         }
@@ -235,15 +235,26 @@ impl Store {
     /// journal, with one write and one fdatasync, whatever the number of changes. When no
     /// snapshot exists yet (an empty ledger) the journal would have nothing to follow, so the
     /// changes are saved as a new snapshot instead. On error `state` is left as it was.
-    pub fn append(&self, state: &mut State, changes: &[Change]) -> Result<(), StateError> {
+    pub fn append(&self, state: &mut State, changes: Vec<Change>) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
         // What the next load would refuse is never recorded (it would lock the node out).
-        if let Some((path, reason)) = refused_change(changes) {
+        if let Some((path, reason)) = refused_change(&changes) {
             return Err(StateError::Unrecordable { path, reason });
         }
         if state.generation == 0 {
+            if state.is_empty() {
+                // The usual first batch (a pre-start's claim per IRQ on an empty ledger): made
+                // in place, without a copy of the ledger, as the ledger before it is known.
+                let before = State {
+                    version: state.version,
+                    extra: state.extra.clone(),
+                    ..State::default()
+                };
+                state.apply(changes);
+                return self.save(state).inspect_err(|_| *state = before);
+            }
             let mut next = state.clone();
             next.apply(changes);
             self.save(&mut next)?;
@@ -254,7 +265,7 @@ impl Store {
         let mut line = serde_json::to_string(&JournalLine {
             v: FORMAT_VERSION,
             generation: state.generation,
-            changes,
+            changes: &changes,
         })
         .map_err(|source| StateError::Corrupt {
             path: path.clone(),
@@ -275,10 +286,11 @@ impl Store {
             return Err(self.io(path)(e));
         }
         *self.journal.borrow_mut() = Some((file, len + line.len() as u64));
+        let count = changes.len();
         state.apply(changes);
         self.count(|s| {
             s.appends += 1;
-            s.changes += changes.len();
+            s.changes += count;
         });
         Ok(())
     }
@@ -343,27 +355,39 @@ impl Store {
         }
         let generation = state.generation + 1;
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let mut text = serde_json::to_string(&SnapshotRef {
+        // A temp file left by a crash is unlinked (a link there is removed, not followed), and
+        // the new one is created exclusively.
+        remove_if_present(&tmp).map_err(self.io(tmp.clone()))?;
+        let file = open_in_run_dir(
+            OpenOptions::new().write(true).create_new(true).mode(0o600),
+            &tmp,
+        )?;
+        // Serialized straight into the file (a buffer's worth at a time), not into a copy of
+        // the whole snapshot in memory first: it is megabytes with a claim per IRQ. A failure
+        // halfway leaves only the temp file, which is never renamed.
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+        let snapshot = SnapshotRef {
             version: FORMAT_VERSION,
             generation,
             vms: &state.vms,
             claims: &state.claims,
             extra: &state.extra,
-        })
-        .map_err(|source| StateError::Corrupt {
-            path: path.clone(),
-            source,
+        };
+        serde_json::to_writer(&mut out, &snapshot).map_err(|source| {
+            if source.is_io() {
+                // The write's own error (ENOSPC, EIO), as `io::Error` keeps it.
+                self.io(tmp.clone())(source.into())
+            } else {
+                StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                }
+            }
         })?;
-        text.push('\n');
-        // A temp file left by a crash is unlinked (a link there is removed, not followed), and
-        // the new one is created exclusively.
-        remove_if_present(&tmp).map_err(self.io(tmp.clone()))?;
-        let mut file = open_in_run_dir(
-            OpenOptions::new().write(true).create_new(true).mode(0o600),
-            &tmp,
-        )?;
-        file.write_all(text.as_bytes())
-            .map_err(self.io(tmp.clone()))?;
+        out.write_all(b"\n").map_err(self.io(tmp.clone()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| self.io(tmp.clone())(e.into_error()))?;
         file.sync_all().map_err(self.io(tmp.clone()))?;
         fs::rename(&tmp, &path).map_err(self.io(path.clone()))?;
         self.sync_dir()?;

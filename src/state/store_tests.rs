@@ -32,9 +32,9 @@ impl Dir {
         let dir = Dir::new(name);
         let store = dir.store();
         let mut state = store.load().unwrap();
-        store.append(&mut state, &[vm_record()]).unwrap();
+        store.append(&mut state, vec![vm_record()]).unwrap();
         store
-            .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+            .append(&mut state, vec![claim("/proc/sys/pvetune/a", 100, "2")])
             .unwrap();
         (dir, store, state)
     }
@@ -104,7 +104,7 @@ fn save_and_load_round_trip_and_empty_removes_files() {
     assert_eq!(state.generation, 1);
     assert_eq!(store.load().unwrap(), state);
     store
-        .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+        .append(&mut state, vec![claim("/proc/sys/pvetune/a", 100, "2")])
         .unwrap();
     assert!(dir.file(JOURNAL_FILE).exists());
     store.save(&mut State::empty()).unwrap();
@@ -119,15 +119,15 @@ fn appends_replay_on_load_and_compaction_folds_them() {
     let store = dir.store();
     let mut state = store.load().unwrap();
     // No snapshot yet: the first batch becomes one.
-    store.append(&mut state, &[vm_record()]).unwrap();
+    store.append(&mut state, vec![vm_record()]).unwrap();
     assert_eq!(store.stats().rewrites, 1);
     assert!(!dir.file(JOURNAL_FILE).exists());
     let batch: Vec<Change> = (0..50)
         .map(|i| claim(&format!("/proc/irq/{i}/smp_affinity_list"), 100, "3"))
         .chain((0..20).map(|tid| pin(1000 + tid, 2)))
         .collect();
-    store.append(&mut state, &batch).unwrap();
-    store.append(&mut state, &[pin(1005, 3)]).unwrap();
+    store.append(&mut state, batch.clone()).unwrap();
+    store.append(&mut state, vec![pin(1005, 3)]).unwrap();
     assert_eq!(
         store.stats(),
         StoreStats {
@@ -154,7 +154,7 @@ fn appends_replay_on_load_and_compaction_folds_them() {
 #[test]
 fn pin_changes_keep_order_and_remove_in_place() {
     let mut state = State::empty();
-    state.apply(&[pin(1, 0), pin(2, 0), pin(3, 0), pin(2, 1)]);
+    state.apply(vec![pin(1, 0), pin(2, 0), pin(3, 0), pin(2, 1)]);
     let tids = |s: &State| s.vms[&100].pins.iter().map(|p| p.tid).collect::<Vec<_>>();
     assert_eq!(tids(&state), [1, 2, 3]);
     assert_eq!(state.vms[&100].pins[1].new, CpuSet::range(1, 1));
@@ -163,9 +163,9 @@ fn pin_changes_keep_order_and_remove_in_place() {
         tid,
         pin: None,
     };
-    state.apply(&[remove(2), remove(9), pin(4, 0), remove(1)]);
+    state.apply(vec![remove(2), remove(9), pin(4, 0), remove(1)]);
     assert_eq!(tids(&state), [3, 4]);
-    state.apply(&[
+    state.apply(vec![
         Change::Vm {
             vmid: 100,
             record: None,
@@ -173,7 +173,7 @@ fn pin_changes_keep_order_and_remove_in_place() {
         remove(3),
     ]);
     assert!(state.is_empty(), "removing a pin creates no record");
-    state.apply(&[pin(5, 0), vm_record(), pin(6, 0)]);
+    state.apply(vec![pin(5, 0), vm_record(), pin(6, 0)]);
     assert_eq!(
         tids(&state),
         [6],
@@ -197,7 +197,7 @@ fn a_line_torn_by_a_crash_is_ignored_then_cut() {
     let mut state = later.load().unwrap();
     assert_eq!(state, before);
     later
-        .append(&mut state, &[claim("/proc/sys/pvetune/b", 100, "3")])
+        .append(&mut state, vec![claim("/proc/sys/pvetune/b", 100, "3")])
         .unwrap();
     let text = fs::read_to_string(dir.file(JOURNAL_FILE)).unwrap();
     assert_eq!(text.lines().count(), 2, "{text}");
@@ -214,7 +214,7 @@ fn lines_of_an_older_generation_are_ignored() {
     store
         .append(
             &mut state,
-            &[Change::Claim {
+            vec![Change::Claim {
                 path: "/proc/sys/pvetune/a".into(),
                 claim: None,
             }],
@@ -239,7 +239,7 @@ fn a_journal_without_snapshot_is_dropped_before_the_next_snapshot() {
     let mut state = later.load().unwrap();
     assert!(state.is_empty());
     // The next snapshot is generation 1 again: the orphan lines must not follow it.
-    later.append(&mut state, &[vm_record()]).unwrap();
+    later.append(&mut state, vec![vm_record()]).unwrap();
     assert!(!dir.file(JOURNAL_FILE).exists());
     assert!(dir.store().load().unwrap().claims.is_empty());
 }
@@ -262,7 +262,7 @@ fn format_1_loads_and_is_rewritten_as_format_2() {
         "120"
     );
     store
-        .append(&mut state, &[claim("/proc/sys/pvetune/a", 100, "2")])
+        .append(&mut state, vec![claim("/proc/sys/pvetune/a", 100, "2")])
         .unwrap();
     let text = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
     assert!(text.contains("\"version\":2"), "{text}");
@@ -274,7 +274,7 @@ fn newer_or_corrupt_ledgers_are_refused_with_their_path() {
     let dir = Dir::new("refused");
     let store = dir.store();
     let mut state = store.load().unwrap();
-    store.append(&mut state, &[vm_record()]).unwrap();
+    store.append(&mut state, vec![vm_record()]).unwrap();
     let snapshot = fs::read_to_string(dir.file(STATE_FILE)).unwrap();
     fs::write(
         dir.file(STATE_FILE),
@@ -348,7 +348,7 @@ fn a_ledger_naming_another_path_is_refused_whole() {
     fs::write(dir.file(JOURNAL_FILE), &journal).unwrap();
     let mut state = store.load().unwrap();
     let err = store
-        .append(&mut state, &[claim_on("/etc/shadow")])
+        .append(&mut state, vec![claim_on("/etc/shadow")])
         .unwrap_err()
         .to_string();
     assert!(err.contains("refusing to record \"/etc/shadow\""), "{err}");
@@ -380,7 +380,7 @@ fn fields_this_version_does_not_know_survive_a_change_and_compaction() {
     store
         .append(
             &mut state,
-            &[claim("/proc/sys/vm/stat_interval", 100, "120")],
+            vec![claim("/proc/sys/vm/stat_interval", 100, "120")],
         )
         .unwrap();
     store.save(&mut state).unwrap();
@@ -434,7 +434,7 @@ fn a_link_planted_as_the_journal_is_neither_replayed_nor_appended_to() {
     assert!(err.contains("state.journal is a symbolic link"), "{err}");
     let err = dir
         .store()
-        .append(&mut state, &[claim_on("/proc/sys/pvetune/b")])
+        .append(&mut state, vec![claim_on("/proc/sys/pvetune/b")])
         .unwrap_err()
         .to_string();
     assert!(err.contains("state.journal is a symbolic link"), "{err}");
@@ -518,12 +518,12 @@ fn compaction_waits_until_the_journal_is_a_quarter_of_the_snapshot() {
     let irqs: Vec<Change> = (0..1000)
         .map(|i| claim(&format!("/proc/irq/{i}/smp_affinity_list"), 100, "3"))
         .collect();
-    store.append(&mut state, &irqs).unwrap();
+    store.append(&mut state, irqs.clone()).unwrap();
     store.save(&mut state).unwrap();
     let rewrites = store.stats().rewrites;
     // A post-start's few pins next to a thousand claims: one line, no rewrite.
     store
-        .append(&mut state, &[pin(1000, 2), pin(1001, 3)])
+        .append(&mut state, vec![pin(1000, 2), pin(1001, 3)])
         .unwrap();
     store.compact(&mut state).unwrap();
     assert_eq!(store.stats().rewrites, rewrites, "a small journal stays");
@@ -536,7 +536,7 @@ fn compaction_waits_until_the_journal_is_a_quarter_of_the_snapshot() {
             claim: None,
         })
         .collect();
-    store.append(&mut state, &release).unwrap();
+    store.append(&mut state, release.clone()).unwrap();
     store.compact(&mut state).unwrap();
     assert_eq!(store.stats().rewrites, rewrites + 1, "folded");
     assert!(!dir.file(JOURNAL_FILE).exists());
