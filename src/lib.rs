@@ -19,6 +19,7 @@ pub mod host;
 pub mod irqbalance;
 pub mod kthreads;
 pub mod pci;
+pub mod placement;
 pub mod plan;
 pub mod procstat;
 pub mod profile;
