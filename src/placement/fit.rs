@@ -151,7 +151,8 @@ pub fn fill(
 }
 
 /// Inside one L3 domain: performance cores first, whole free cores before partly held
-/// ones, then by number.
+/// ones, cores with more threads first (a core with an offline sibling is a single), then
+/// by number.
 fn take_cores(slots: &[Slot], members: &[usize], need: usize, rules: Rules) -> Vec<(usize, usize)> {
     let mut order: Vec<usize> = members.to_vec();
     order.sort_by_key(|&i| {
@@ -159,6 +160,7 @@ fn take_cores(slots: &[Slot], members: &[usize], need: usize, rules: Rules) -> V
         (
             s.kind == CpuKind::Efficiency,
             s.free != s.cpus,
+            std::cmp::Reverse(s.free.len()),
             s.cpus.first(),
         )
     });

@@ -18,6 +18,9 @@ mod fit;
 pub use devices::DeviceNode;
 use fit::{LEVELS, Rules, Slot};
 
+/// How many rejected domains an explanation names (a big host has dozens).
+const SHOWN_REJECTS: usize = 4;
+
 /// What placement is asked, beyond the profile's request.
 #[derive(Debug, Clone)]
 pub struct Ask<'a> {
@@ -150,7 +153,12 @@ pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Resu
                 let rejected: Vec<String> = domains
                     .iter()
                     .filter(|o| o.key != d.key)
-                    .map(|o| {
+                    .take(SHOWN_REJECTS + 1)
+                    .enumerate()
+                    .map(|(k, o)| {
+                        if k == SHOWN_REJECTS {
+                            return format!("and {} more", domains.len() - 1 - SHOWN_REJECTS);
+                        }
                         let cpus = union_of(&slots, &o.slots);
                         let verdict = if o.usable < need {
                             "too few free"
@@ -200,7 +208,7 @@ pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Resu
     let node_set: std::collections::BTreeSet<Option<u32>> =
         taken.iter().map(|&(i, _)| slots[i].keys[1]).collect();
     why.push(format!(
-        "placed on {cpus}: {} cores, {} L3 domain(s), {} NUMA node(s)",
+        "placed on {cpus}: {} core(s), {} L3 domain(s), {} NUMA node(s)",
         taken.len(),
         l3s.len(),
         node_set.len()

@@ -20,6 +20,9 @@ pub enum Numbering {
     SiblingsLast,
     /// CPUs 2N and 2N + 1 are siblings (Intel clients, QEMU guests).
     Interleaved,
+    /// Packages take turns (CPU 0 on package 0, CPU 1 on package 1, ...), siblings after
+    /// every core's first thread: many 2-socket Xeon servers (hwloc's `16em64t-4s2c2t`).
+    PackagesInterleaved,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +109,9 @@ fn layout(spec: &HostSpec) -> Vec<Core> {
                 .map(|t| match spec.numbering {
                     Numbering::SiblingsLast => c + t * ncores,
                     Numbering::Interleaved => c * tpc + t,
+                    Numbering::PackagesInterleaved => {
+                        (c % cpp) * spec.packages + c / cpp + t * ncores
+                    }
                 })
                 .collect(),
             performance: true,
