@@ -187,7 +187,7 @@ fn two_vms_never_overlap_and_a_third_that_does_not_fit_says_why() {
         err,
         "nothing fits: asked 4 CPUs (smt prefer); this host has CPU 5,17 free (2 usable for \
          this request); held by running VMs: VM 100: 6-11,18-23, VM 101: 1-4,13-16; not \
-         considered: 0,12 (CPU 0's core, kept for the host (cpu0-core: allow gives it))"
+         considered: 0,12 (CPU 0's core, kept for the host unless cpu0-core: allow)"
     );
     // Stopping VM 100 frees exactly its CPUs: the same request then fits there.
     held.remove(&100);

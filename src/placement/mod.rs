@@ -104,7 +104,7 @@ pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Resu
         let first = core.first().unwrap_or(0);
         let Some(cpu) = topo.cpu(first) else { continue };
         let reason = if !r.allow_cpu0_core && core == cpu0_core {
-            Some("CPU 0's core, kept for the host (cpu0-core: allow gives it)")
+            Some("CPU 0's core, kept for the host unless cpu0-core: allow")
         } else if r.performance_only && cpu.kind == CpuKind::Efficiency {
             Some("E-cores (core-type: performance)")
         } else if nodes
