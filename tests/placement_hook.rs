@@ -27,7 +27,7 @@ fn portable_vm(root: &Path, vmid: u32, vcpus: u32, extra: &str) {
         &format!("/etc/pve/pvetune/{vmid}.yaml"),
         &format!("cpus:\n  smt: prefer\n{extra}"),
     );
-    let smp = if vcpus % 2 == 0 {
+    let smp = if vcpus.is_multiple_of(2) {
         format!(
             "args: -smp {vcpus},sockets=1,cores={},threads=2\n",
             vcpus / 2

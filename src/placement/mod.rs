@@ -146,7 +146,7 @@ pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Resu
         Within::Any => 3,
     };
     let mut chosen = None;
-    for level in 0..=limit {
+    for (level, name) in LEVELS.iter().enumerate().take(limit + 1) {
         let domains = fit::domains(&slots, &members, level, rules);
         match fit::best_fit(&domains, need) {
             Some(d) => {
@@ -170,8 +170,7 @@ pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Resu
                     .collect();
                 if level < 3 {
                     why.push(format!(
-                        "chose {} {} ({} usable){}",
-                        LEVELS[level],
+                        "chose {name} {} ({} usable){}",
                         union_of(&slots, &d.slots),
                         d.usable,
                         if rejected.is_empty() {
@@ -188,10 +187,7 @@ pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Resu
             }
             None if level < limit && level < 3 => {
                 let best = domains.iter().map(|d| d.usable).max().unwrap_or(0);
-                why.push(format!(
-                    "no {} has {need} usable (at most {best})",
-                    LEVELS[level]
-                ));
+                why.push(format!("no {name} has {need} usable (at most {best})"));
             }
             None => {}
         }

@@ -106,7 +106,7 @@ impl SmtPolicy {
 /// `cpus:` before its meaning is checked: a cpulist (a string, or a bare number) or a mapping.
 pub(super) enum RawCpus {
     List(String),
-    Place(RawPlace),
+    Place(Box<RawPlace>),
 }
 
 #[derive(Deserialize)]
@@ -145,7 +145,7 @@ impl<'de> Deserialize<'de> for RawCpus {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawCpus, A::Error> {
                 RawPlace::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawCpus::Place)
+                    .map(|p| RawCpus::Place(Box::new(p)))
             }
         }
         d.deserialize_any(V)
@@ -170,7 +170,7 @@ pub(super) fn parse(
             }
             CpuRequest::List(cpus)
         }
-        RawCpus::Place(p) => CpuRequest::Place(place(p, invalid)?),
+        RawCpus::Place(p) => CpuRequest::Place(place(*p, invalid)?),
     };
     Ok(located(request, pos))
 }
