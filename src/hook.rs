@@ -87,7 +87,11 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
             &listed.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
         )?,
     };
-    let facts = read_facts(env, &profile, listed.as_ref());
+    // A placement request's facts depend on the CPUs it gets: read by `Loaded::resolve`.
+    let facts = match (&profile.cpus, &listed) {
+        (Some(_), None) => HostFacts::default(),
+        _ => read_facts(env, &profile, listed.as_ref()),
+    };
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {
         vm::discover(env.root.base(), vmid).map_err(|source| Error::Vm { vmid, source })?
