@@ -223,3 +223,30 @@ fn near_devices_reads_the_passthrough_device_node_from_sysfs() {
     assert!(text.contains("placement: near-devices: node 1"), "{text}");
     assert!(text.contains("placed on 6-7,18-19"), "{text}");
 }
+
+#[test]
+fn smt_isolate_runs_one_vcpu_per_core_and_keeps_the_siblings_idle() {
+    let root = host_copy("ryzen-5900x");
+    portable_vm(&root.path, 120, 4, "");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/120.yaml",
+        "cpus:\n  smt: isolate\n",
+    );
+    let out = pvetune(&root.path, &["plan", "120"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for (vcpu, cpu) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+        assert!(
+            text.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}\n")),
+            "vCPU {vcpu} -> {cpu}: {text}"
+        );
+    }
+    assert!(text.contains("layout cores-first"), "{text}");
+    // The idle siblings 13-16 are the VM's too: not housekeeping.
+    assert!(
+        text.contains("emulator threads (not running): - -> 0,5-12,17-23"),
+        "{text}"
+    );
+    assert!(text.contains("placement: placed on 1-4,13-16"), "{text}");
+}
