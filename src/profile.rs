@@ -347,6 +347,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     };
     let emulator = placement("emulator", raw.emulator)?;
     let iothreads = placement("iothreads", raw.iothreads)?;
+    if let Some(Located {
+        value: CpuRequest::Place(request),
+        line,
+        column,
+    }) = &cpus_request
+        && request.emulator_cpus > 0
+        && ![&emulator.value, &iothreads.value].contains(&&Placement::VmCpus)
+    {
+        return Err(invalid(
+            "cpus.emulator-cpus",
+            (*line, *column),
+            "the reserved CPUs are for 'emulator: vm' or 'iothreads: vm'; with housekeeping \
+             they would stay idle"
+                .into(),
+        ));
+    }
     let governor = match raw.governor {
         None => None,
         Some(g) => {

@@ -250,3 +250,28 @@ fn smt_isolate_runs_one_vcpu_per_core_and_keeps_the_siblings_idle() {
     );
     assert!(text.contains("placement: placed on 1-4,13-16"), "{text}");
 }
+
+#[test]
+fn emulator_cpus_are_placed_with_the_vm_and_take_its_emulator_threads() {
+    let root = host_copy("ryzen-5900x");
+    portable_vm(&root.path, 120, 4, "  emulator-cpus: 2\n");
+    let profile = root.path.join("etc/pve/pvetune/120.yaml");
+    let mut text = std::fs::read_to_string(&profile).unwrap();
+    text.push_str("emulator: vm\n");
+    std::fs::write(&profile, text).unwrap();
+    let out = pvetune(&root.path, &["plan", "120"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("placement: asked 6 CPUs"), "{text}");
+    assert!(text.contains("placement: placed on 1-3,13-15"), "{text}");
+    for (vcpu, cpu) in [(0, 1), (1, 13), (2, 2), (3, 14)] {
+        assert!(
+            text.contains(&format!("vCPU {vcpu} (not running): - -> {cpu}\n")),
+            "vCPU {vcpu} -> {cpu}: {text}"
+        );
+    }
+    assert!(
+        text.contains("emulator threads (not running): - -> 3,15"),
+        "{text}"
+    );
+}

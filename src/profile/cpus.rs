@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(request("cpus: {}\n"), PlaceRequest::default());
         assert_eq!(
             request(
-                "cpus:\n  count: 8\n  within: l3\n  smt: isolate\n  whole-cores: true\n  core-type: performance\n  near-devices: true\n  near-memory: false\n  cpu0-core: allow\n  host-cores: 2\n  emulator-cpus: 1\n"
+                "cpus:\n  count: 8\n  within: l3\n  smt: isolate\n  whole-cores: true\n  core-type: performance\n  near-devices: true\n  near-memory: false\n  cpu0-core: allow\n  host-cores: 2\n  emulator-cpus: 1\nemulator: vm\n"
             ),
             PlaceRequest {
                 count: Some(8),
@@ -298,6 +298,12 @@ mod tests {
             "100.yaml:2:10: cpus.count: must be at least 1"
         );
         assert!(err("cpus:\n  cuont: 4\n").contains("unknown field `cuont`"));
+        assert_eq!(
+            err("cpus:\n  emulator-cpus: 1\n"),
+            "100.yaml:2:3: cpus.emulator-cpus: the reserved CPUs are for 'emulator: vm' or \
+             'iothreads: vm'; with housekeeping they would stay idle"
+        );
+        assert!(p("cpus:\n  emulator-cpus: 1\nemulator: vm\n").is_ok());
         assert!(err("cpus:\n  count: -1\n").starts_with("100.yaml:2:"));
     }
 }

@@ -254,7 +254,21 @@ pub fn placement(inp: &Inputs, which: &Placement, key: &'static str) -> Result<C
         &inp.profile.iothreads
     };
     let cpus = match which {
-        Placement::VmCpus => inp.cpus.map(|c| c.value.clone()).unwrap_or_default(),
+        // With CPUs reserved for them (`cpus: {emulator-cpus: N}`), the VM's CPUs that no
+        // vCPU runs on; else all of the VM's CPUs.
+        Placement::VmCpus => {
+            let own = inp.cpus.map(|c| c.value.clone()).unwrap_or_default();
+            let reserved = matches!(
+                inp.profile.cpus.as_ref().map(|c| &c.value),
+                Some(CpuRequest::Place(r)) if r.emulator_cpus > 0
+            );
+            let rest = own.difference(&vcpu_targets(inp)?.into_iter().collect());
+            if reserved && !rest.is_empty() {
+                rest
+            } else {
+                own
+            }
+        }
         Placement::Cpus(set) => {
             let missing = set.difference(&inp.topology.online);
             if !missing.is_empty() {
