@@ -19,6 +19,9 @@ use crate::vm::{self, RunningVm};
 use crate::vmconfig::VmConfig;
 use std::path::PathBuf;
 
+mod resolve;
+use resolve::read_facts;
+
 /// Resolved command-line context.
 pub struct Env {
     pub root: Root,
@@ -107,97 +110,6 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         cpus: listed,
         placed: Vec::new(),
     }))
-}
-
-/// Host facts for the VM's CPUs (cpufreq of those only) and the profile's other keys.
-fn read_facts(env: &Env, profile: &Profile, cpus: Option<&Located<CpuSet>>) -> HostFacts {
-    HostFacts::read(
-        &env.root,
-        &cpus.map(|c| c.value.clone()).unwrap_or_default(),
-        profile.sysctl.iter().map(|(name, _)| name.as_str()),
-        profile.isolation.irqs,
-        profile.isolation.partition.is_some(),
-        profile
-            .isolation
-            .cpu_cycle
-            .as_ref()
-            .is_some_and(|c| c.value),
-    )
-}
-
-impl Loaded {
-    /// Gives a placement request its CPUs: those the ledger recorded for the VM (placed at its
-    /// pre-start, used exactly until post-stop releases them), else a new placement around
-    /// the CPUs other running VMs hold. An explicit list, or no `cpus`, is left as it is.
-    pub fn resolve(&mut self, env: &Env, vmid: u32, state: &State) -> Result<(), Error> {
-        let Some(Located {
-            value: CpuRequest::Place(request),
-            line,
-            column,
-        }) = &self.profile.cpus
-        else {
-            return Ok(());
-        };
-        let (line, column) = (*line, *column);
-        let recorded = state
-            .vms
-            .get(&vmid)
-            .map(|r| &r.cpus)
-            .filter(|c| !c.is_empty());
-        let cpus = match recorded {
-            Some(cpus) => {
-                self.placed = vec![format!("CPUs {cpus} placed at pre-start (from the ledger)")];
-                cpus.clone()
-            }
-            None => {
-                let devices = crate::placement::devices::read(&env.root, &self.config);
-                let memory: Vec<u32> = if self.config.numa {
-                    let mut nodes: Vec<u32> = self
-                        .config
-                        .numa_nodes
-                        .values()
-                        .filter_map(|n| n.hostnodes.as_ref())
-                        .flatten()
-                        .copied()
-                        .collect();
-                    nodes.sort_unstable();
-                    nodes.dedup();
-                    nodes
-                } else {
-                    Vec::new()
-                };
-                let ask = crate::placement::Ask {
-                    request,
-                    vcpus: self.config.vcpu_count(),
-                    devices: &devices,
-                    memory_nodes: (!memory.is_empty()).then_some(memory),
-                };
-                let others = state.owned_by_others(vmid);
-                let placed =
-                    crate::placement::place(&self.topology, &ask, &others).map_err(|e| {
-                        Error::Plan {
-                            path: self.profile.path.clone(),
-                            source: plan::PlanError {
-                                key: "cpus",
-                                line,
-                                column,
-                                message: e.to_string(),
-                            },
-                        }
-                    })?;
-                self.placed = placed.why;
-                placed.cpus
-            }
-        };
-        let cpus = Located {
-            value: cpus,
-            line,
-            column,
-        };
-        self.facts = read_facts(env, &self.profile, Some(&cpus));
-        self.cpus = Some(cpus);
-        Ok(())
-    }
 }
 
 /// Runs one hook phase exactly as qemu-server calls it.

@@ -251,24 +251,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         key,
         message,
     };
-    // Keys that act on the VM's CPUs mean nothing without `cpus`.
     if raw.cpus.is_none() {
-        let needs: [(&'static str, Option<(u32, u32)>); 5] = [
-            ("vcpus", raw.vcpus.as_ref().map(at)),
-            ("emulator", raw.emulator.as_ref().map(at)),
-            ("iothreads", raw.iothreads.as_ref().map(at)),
-            ("governor", raw.governor.as_ref().map(at)),
-            ("isolation", raw.isolation.as_ref().map(at)),
-        ];
-        if let Some((key, Some(pos))) = needs.into_iter().find(|(_, pos)| pos.is_some()) {
-            return Err(invalid(
-                key,
-                pos,
-                format!(
-                    "{key} acts on the VM's CPUs: it needs 'cpus' (a cpulist or a placement request)"
-                ),
-            ));
-        }
+        cpus::require_cpus(
+            [
+                ("vcpus", raw.vcpus.as_ref().map(at)),
+                ("emulator", raw.emulator.as_ref().map(at)),
+                ("iothreads", raw.iothreads.as_ref().map(at)),
+                ("governor", raw.governor.as_ref().map(at)),
+                ("isolation", raw.isolation.as_ref().map(at)),
+            ],
+            &invalid,
+        )?;
     }
     let cpus_request = raw.cpus.map(|c| cpus::parse(c, &invalid)).transpose()?;
     let listed = match cpus_request.as_ref().map(|c| &c.value) {
@@ -347,22 +340,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     };
     let emulator = placement("emulator", raw.emulator)?;
     let iothreads = placement("iothreads", raw.iothreads)?;
-    if let Some(Located {
-        value: CpuRequest::Place(request),
-        line,
-        column,
-    }) = &cpus_request
-        && request.emulator_cpus > 0
-        && ![&emulator.value, &iothreads.value].contains(&&Placement::VmCpus)
-    {
-        return Err(invalid(
-            "cpus.emulator-cpus",
-            (*line, *column),
-            "the reserved CPUs are for 'emulator: vm' or 'iothreads: vm'; with housekeeping \
-             they would stay idle"
-                .into(),
-        ));
-    }
+    cpus::check_reserved(
+        cpus_request.as_ref(),
+        [&emulator.value, &iothreads.value],
+        &invalid,
+    )?;
     let governor = match raw.governor {
         None => None,
         Some(g) => {
@@ -564,45 +546,6 @@ mod tests {
         assert_eq!(
             prof.cpus.unwrap().value,
             CpuRequest::List(CpuSet::range(4, 4))
-        );
-    }
-
-    #[test]
-    fn cpus_are_optional_but_cpu_keys_need_them() {
-        let prof = p("sysctl: { vm.stat_interval: 120 }\n").unwrap();
-        assert_eq!(prof.cpus, None);
-        for (text, want) in [
-            (
-                "governor: performance\n",
-                "100.yaml:1:11: governor: governor acts on",
-            ),
-            (
-                "sysctl: {}\nvcpus: auto\n",
-                "100.yaml:2:8: vcpus: vcpus acts on",
-            ),
-            (
-                "emulator: vm\n",
-                "100.yaml:1:11: emulator: emulator acts on",
-            ),
-            (
-                "iothreads: 0-1\n",
-                "100.yaml:1:12: iothreads: iothreads acts on",
-            ),
-            (
-                "isolation:\n  irqs: true\n",
-                "100.yaml:2:3: isolation: isolation acts on",
-            ),
-        ] {
-            let err = p(text).unwrap_err().to_string();
-            assert!(err.starts_with(want), "{text:?}: {err}");
-            assert!(err.contains("it needs 'cpus'"), "{err}");
-        }
-        let err = p("cpus: {count: 4}\nvcpus: [1, 2]\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("100.yaml:2:8: vcpus: a list of host CPUs needs"),
-            "{err}"
         );
     }
 

@@ -31,20 +31,7 @@ pub fn command(env: &Env, vmid: u32) -> Result<Vec<String>, Error> {
         1
     };
     let near_devices = devices.iter().any(|d| d.node.is_some());
-    let memory = config
-        .numa
-        .then(|| {
-            let mut nodes: Vec<u32> = config
-                .numa_nodes
-                .values()
-                .filter_map(|s| s.hostnodes.clone())
-                .flatten()
-                .collect();
-            nodes.sort_unstable();
-            nodes.dedup();
-            nodes
-        })
-        .filter(|n| !n.is_empty());
+    let memory = placement::memory_nodes(&config);
     // The tightest level that holds the VM here: the profile asks for it, so the VM keeps it
     // on every node (and a node where it cannot is refused with the reason).
     let mut last: Option<NoFit> = None;

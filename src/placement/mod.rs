@@ -77,6 +77,42 @@ impl Ask<'_> {
     }
 }
 
+/// Places a VM's request: its vCPU count, the nodes of its passthrough devices (read under
+/// `root`) and the host nodes its config binds memory to come from its config.
+pub fn place_vm(
+    root: &crate::root::Root,
+    topo: &Topology,
+    config: &crate::vmconfig::VmConfig,
+    request: &PlaceRequest,
+    others: &BTreeMap<u32, CpuSet>,
+) -> Result<Placed, NoFit> {
+    let devices = devices::read(root, config);
+    let ask = Ask {
+        request,
+        vcpus: config.vcpu_count(),
+        devices: &devices,
+        memory_nodes: memory_nodes(config),
+    };
+    place(topo, &ask, others)
+}
+
+/// The host nodes of `numaN: ...,hostnodes=` (only with `numa: 1`, as qemu-server reads them).
+pub fn memory_nodes(config: &crate::vmconfig::VmConfig) -> Option<Vec<u32>> {
+    if !config.numa {
+        return None;
+    }
+    let mut nodes: Vec<u32> = config
+        .numa_nodes
+        .values()
+        .filter_map(|n| n.hostnodes.as_ref())
+        .flatten()
+        .copied()
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
 /// Places the request on `topo` (read whole: [`Topology::read`]) around `others`.
 pub fn place(topo: &Topology, ask: &Ask, others: &BTreeMap<u32, CpuSet>) -> Result<Placed, NoFit> {
     let r = ask.request;

@@ -1,7 +1,7 @@
 //! `cpus:` either names host CPUs (a cpulist) or says what the VM needs (a placement request
 //! that pvetune fits on the node the VM starts on: see `placement`).
 
-use super::{Located, ProfileError, at, located};
+use super::{Located, Placement, ProfileError, at, located};
 use crate::cpuset::CpuSet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -175,6 +175,53 @@ pub(super) fn parse(
     Ok(located(request, pos))
 }
 
+/// Keys that act on the VM's CPUs mean nothing without `cpus`: the first one given (with
+/// where it is) is refused.
+pub(super) fn require_cpus<const N: usize>(
+    keys: [(&'static str, Option<(u32, u32)>); N],
+    invalid: Invalid,
+) -> Result<(), ProfileError> {
+    match keys
+        .into_iter()
+        .find_map(|(key, pos)| pos.map(|p| (key, p)))
+    {
+        Some((key, pos)) => Err(invalid(
+            key,
+            pos,
+            format!(
+                "{key} acts on the VM's CPUs: it needs 'cpus' (a cpulist or a placement request)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `emulator-cpus` reserves CPUs for `emulator: vm` or `iothreads: vm`; without either they
+/// would stay idle.
+pub(super) fn check_reserved(
+    cpus: Option<&Located<CpuRequest>>,
+    placements: [&Placement; 2],
+    invalid: Invalid,
+) -> Result<(), ProfileError> {
+    if let Some(Located {
+        value: CpuRequest::Place(request),
+        line,
+        column,
+    }) = cpus
+        && request.emulator_cpus > 0
+        && !placements.contains(&&Placement::VmCpus)
+    {
+        return Err(invalid(
+            "cpus.emulator-cpus",
+            (*line, *column),
+            "the reserved CPUs are for 'emulator: vm' or 'iothreads: vm'; with housekeeping \
+             they would stay idle"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 fn place(p: RawPlace, invalid: Invalid) -> Result<PlaceRequest, ProfileError> {
     let mut req = PlaceRequest::default();
     let word = |key: &'static str, v: &Spanned<String>, words: &[&'static str]| {
@@ -270,6 +317,45 @@ mod tests {
                 allow_cpu0_core: true,
                 host_cores: 2,
             }
+        );
+    }
+
+    #[test]
+    fn cpus_are_optional_but_cpu_keys_need_them() {
+        let prof = p("sysctl: { vm.stat_interval: 120 }\n").unwrap();
+        assert_eq!(prof.cpus, None);
+        for (text, want) in [
+            (
+                "governor: performance\n",
+                "100.yaml:1:11: governor: governor acts on",
+            ),
+            (
+                "sysctl: {}\nvcpus: auto\n",
+                "100.yaml:2:8: vcpus: vcpus acts on",
+            ),
+            (
+                "emulator: vm\n",
+                "100.yaml:1:11: emulator: emulator acts on",
+            ),
+            (
+                "iothreads: 0-1\n",
+                "100.yaml:1:12: iothreads: iothreads acts on",
+            ),
+            (
+                "isolation:\n  irqs: true\n",
+                "100.yaml:2:3: isolation: isolation acts on",
+            ),
+        ] {
+            let err = p(text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{text:?}: {err}");
+            assert!(err.contains("it needs 'cpus'"), "{err}");
+        }
+        let err = p("cpus: {count: 4}\nvcpus: [1, 2]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("100.yaml:2:8: vcpus: a list of host CPUs needs"),
+            "{err}"
         );
     }
 
