@@ -1,6 +1,7 @@
 //! Placement on topologies shaped like real machines' sysfs: generated trees (the 5900X, a
 //! 2-socket Xeon whose packages take turns in the numbering, an EPYC with 16 L3 domains on 8
-//! NUMA nodes, an Intel hybrid, a host with offline CPUs) and the real captures of hwloc's
+//! NUMA nodes, an Intel hybrid, a host with offline CPUs) and real captures of hwloc's and
+//! util-linux's
 //! test suite read as they are. The same portable profile on every one; VMs never overlap; a
 //! request that does not fit says what was asked, what is free and who holds the rest.
 
@@ -391,10 +392,6 @@ fn capture(rel: &str) -> Option<(TempDir, Topology)> {
 
 #[test]
 fn portable_request_on_real_captures() {
-    let request = PlaceRequest {
-        count: Some(2),
-        ..Default::default()
-    };
     let none = BTreeMap::new();
     for (rel, want) in [
         // 4 sockets of 2 cores, packages take turns, siblings +8: core (4,12) of package 0.
@@ -410,12 +407,20 @@ fn portable_request_on_real_captures() {
         ("hwloc/linux/20em64t-hybrid-1p6c2t+2ca4co1t.tar.bz2", "2-3"),
         // Skylake-SP, 2 packages, siblings +16.
         ("hwloc/linux/32intel64-2p8co2t+8ve.tar.bz2", "1,17"),
+        // util-linux's 4-socket Xeon X7550: packages take turns in fours, sparse node ids
+        // (0, 2, 3): package 0 (CPUs 0,4,8,...), its second and third cores.
+        ("util-linux-lscpu/x86_64-64cpu.tar.gz", "4,8,36,40"),
     ] {
         let Some((_dir, topo)) = capture(rel) else {
             return;
         };
+        let n = set(want).len();
+        let request = PlaceRequest {
+            count: Some(n as u32),
+            ..Default::default()
+        };
         let placed = place_on(&topo, &request, &none);
         assert_eq!(placed.cpus, set(want), "{rel}: {:#?}", placed.why);
-        assert_sensible(&topo, &placed, 2, &none);
+        assert_sensible(&topo, &placed, n, &none);
     }
 }
