@@ -1,8 +1,8 @@
 //! Placement on topologies shaped like real machines' sysfs: generated trees (the 5900X, a
 //! 2-socket Xeon whose packages take turns in the numbering, an EPYC with 16 L3 domains on 8
 //! NUMA nodes, an Intel hybrid, a host with offline CPUs) and real captures of hwloc's and
-//! util-linux's test suites read as they are. The same portable profile on every one; VMs never overlap; a
-//! request that does not fit says what was asked, what is free and who holds the rest.
+//! util-linux's test suites read as they are. The same portable profile on every one; VMs never
+//! overlap; a request that does not fit says what was asked, what is free and who holds the rest.
 
 mod common;
 
