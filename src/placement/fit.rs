@@ -68,7 +68,9 @@ pub const LEVELS: [&str; 4] = ["L3 domain", "NUMA node", "package", "host"];
 /// A domain at one level: its key and the slots in it (indexes into the slot list).
 #[derive(Debug, Clone)]
 pub struct Domain {
-    pub key: Option<u32>,
+    /// The slot keys from this level up: an L3 domain is also told apart by its node and
+    /// package, so cores with no known L3 form one domain per node, never one for the host.
+    pub key: Vec<Option<u32>>,
     pub slots: Vec<usize>,
     pub usable: usize,
     pub first: u32,
@@ -78,11 +80,7 @@ pub struct Domain {
 pub fn domains(slots: &[Slot], members: &[usize], level: usize, rules: Rules) -> Vec<Domain> {
     let mut out: Vec<Domain> = Vec::new();
     for &i in members {
-        let key = if level < 3 {
-            slots[i].keys[level]
-        } else {
-            None
-        };
+        let key = slots[i].keys[level.min(3)..].to_vec();
         let first = slots[i].cpus.first().unwrap_or(u32::MAX);
         let usable = rules.usable(&slots[i]);
         match out.iter_mut().find(|d| d.key == key) {
@@ -128,16 +126,18 @@ pub fn fill(
     let mut taken = Vec::new();
     let mut need = need;
     while need > 0 && !subs.is_empty() {
-        let pick = match best_fit(&subs, need) {
-            Some(d) => d.key,
-            // None holds the rest alone: the largest first (fewest domains in all).
-            None => subs
-                .iter()
-                .max_by_key(|d| (d.usable, std::cmp::Reverse(d.first)))
-                .map(|d| d.key)
-                .unwrap_or_default(),
+        let fits = subs
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.usable >= need)
+            .min_by_key(|(_, d)| (d.usable, d.first));
+        // None holds the rest alone: the largest first (fewest domains in all).
+        let largest = || {
+            subs.iter()
+                .enumerate()
+                .max_by_key(|(_, d)| (d.usable, std::cmp::Reverse(d.first)))
         };
-        let at = subs.iter().position(|d| d.key == pick).unwrap_or(0);
+        let at = fits.or_else(largest).map_or(0, |(i, _)| i);
         let sub = subs.remove(at);
         if sub.usable == 0 {
             break;
@@ -177,4 +177,58 @@ fn take_cores(slots: &[Slot], members: &[usize], need: usize, rules: Rules) -> V
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(cpus: &str, l3: Option<u32>, node: u32) -> Slot {
+        let cpus: CpuSet = cpus.parse().unwrap();
+        Slot {
+            free: cpus.clone(),
+            cpus,
+            keys: [l3, Some(node), Some(0)],
+            kind: CpuKind::Unknown,
+        }
+    }
+
+    const PREFER: Rules = Rules {
+        smt: SmtPolicy::Prefer,
+        whole_cores: false,
+    };
+
+    #[test]
+    fn cores_without_a_known_l3_form_one_domain_per_node() {
+        let slots = [slot("0", None, 0), slot("1", None, 0), slot("2", None, 1)];
+        let all = [0, 1, 2];
+        let l3 = domains(&slots, &all, 0, PREFER);
+        assert_eq!(l3.len(), 2, "{l3:?}");
+        assert_eq!(l3[0].slots, [0, 1]);
+        assert_eq!(best_fit(&l3, 2).map(|d| d.first), Some(0));
+        assert!(best_fit(&l3, 3).is_none());
+    }
+
+    #[test]
+    fn fill_takes_the_subdomain_that_holds_the_rest_else_the_largest() {
+        // Node 0: L3 A with 3 free CPUs, L3 B with 2.
+        let slots = [
+            slot("0-2", Some(0), 0),
+            slot("3", Some(3), 0),
+            slot("4", Some(3), 0),
+        ];
+        let take = |need| {
+            let got = fill(&slots, &[0, 1, 2], 1, need, PREFER);
+            got.iter().fold(CpuSet::new(), |a, &(i, n)| {
+                a.union(&PREFER.held(&slots[i], n))
+            })
+        };
+        assert_eq!(
+            take(2).to_string(),
+            "3-4",
+            "B holds 2 alone and is the tighter fit"
+        );
+        assert_eq!(take(3).to_string(), "0-2");
+        assert_eq!(take(4).to_string(), "0-3", "A whole, then the rest from B");
+    }
 }
