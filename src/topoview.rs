@@ -7,7 +7,7 @@ use crate::cpuset::CpuSet;
 use crate::error::Error;
 use crate::root::Root;
 use crate::state::Store;
-use crate::topology::{CpuKind, NODE_DIR, Topology};
+use crate::topology::{CPU_DIR, CpuKind, NODE_DIR, Topology};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -80,10 +80,7 @@ pub fn read(root: &Root) -> Result<View, Error> {
         .iter()
         .map(|(id, rec)| (*id, rec.cpus.clone()))
         .collect();
-    let present = crate::attr::read(&root.path("/sys/devices/system/cpu/present"))
-        .ok()
-        .and_then(|t| t.trim().parse::<CpuSet>().ok())
-        .unwrap_or_else(|| topo.online.clone());
+    let present = present(root).union(&topo.online);
     let free = |id: u32| mem_free(&root.path(format!("/{NODE_DIR}/node{id}/meminfo")));
     Ok(build(&topo, &present, &vms, free))
 }
@@ -181,6 +178,32 @@ pub fn build(
         nodes,
         vms: vms.iter().map(|(id, c)| (*id, c.to_string())).collect(),
     }
+}
+
+/// `cpu/present`, or on kernels without it every `cpuN` directory (an offline CPU keeps its
+/// directory and its `online` file).
+fn present(root: &Root) -> CpuSet {
+    let dir = root.path(format!("/{CPU_DIR}"));
+    if let Some(set) = crate::attr::read(&dir.join("present"))
+        .ok()
+        .and_then(|t| t.trim().parse::<CpuSet>().ok())
+    {
+        return set;
+    }
+    std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name();
+                    let n = name.to_str()?.strip_prefix("cpu")?;
+                    // Canonical numbers only (`cpu01` is not a CPU directory).
+                    n.parse::<u32>().ok().filter(|v| v.to_string() == n)
+                })
+                .filter(|&n| n < crate::cpuset::MAX_CPUS)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `Node N MemFree: K kB` of a node's meminfo.

@@ -233,3 +233,27 @@ fn suggest_on_an_intel_host_has_no_topoext_and_a_vm_without_smt() {
     );
     assert!(!text.contains("topoext"), "{text}");
 }
+
+#[test]
+fn topology_of_real_captures() {
+    let Some(peer) = common::peer_data() else {
+        println!("skipped: ../shared/peer-data not present");
+        return;
+    };
+    for (rel, name) in [
+        // 4 sockets whose CPUs take turns, some offline (hwloc).
+        (
+            "hwloc/linux/16em64t-4s2c2t-offlines.tar.bz2",
+            "16em64t-4s2c2t-offlines",
+        ),
+        // 8 NUMA nodes, an L3 each (hwloc).
+        (
+            "hwloc/linux/64amd64-4s2n4ca2co.tar.bz2",
+            "64amd64-4s2n4ca2co",
+        ),
+    ] {
+        let (_dir, root) = common::extract_capture(&peer.join(rel));
+        let text = topology(&root, &[]);
+        assert_snapshot(&format!("topology-capture-{name}.txt"), &text);
+    }
+}
