@@ -63,6 +63,14 @@ enum Command {
     Status { vmid: Option<String> },
     /// Validate the VM's profile against this host and the VM config; changes nothing
     Check { vmid: String },
+    /// The host's NUMA nodes, packages, L3 domains, cores and threads, and who holds each CPU
+    Topology {
+        /// JSON for scripts (docs/json.md)
+        #[arg(long)]
+        json: bool,
+    },
+    /// A portable profile and the VM config lines that match it on this host; changes nothing
+    Suggest { vmid: String },
     /// `<vmid> <phase>`: the hookscript call (see below)
     #[command(external_subcommand)]
     Hook(Vec<String>),
@@ -140,6 +148,8 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
             crate::report::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
         }
         Some(Command::Check { vmid }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
+        Some(Command::Topology { json }) => crate::topoview::command(&env.root, json)?,
+        Some(Command::Suggest { vmid }) => crate::suggest::command(&env, parse_vmid(&vmid)?)?,
         Some(Command::Hook(args)) => match args.as_slice() {
             [vmid, phase] => {
                 let line = hook::run_hook(&env, &host, parse_vmid(vmid)?, parse_phase(phase)?)?;

@@ -5,18 +5,22 @@
 //! itself off. So undo happens in post-stop, and every hook first *reconciles*: it rolls back
 //! what the ledger holds for VMs of this node that no longer run.
 
+use crate::cpuset::CpuSet;
 use crate::error::Error;
 use crate::exec::{Applied, Executor};
 use crate::facts::HostFacts;
 use crate::host::Host;
 use crate::plan::{self, Inputs, Phase, Plan};
-use crate::profile::{self, Profile};
+use crate::profile::{self, CpuRequest, Located, Profile};
 use crate::root::Root;
 use crate::state::{self, Change, State, Store, VmRecord};
 use crate::topology::Topology;
 use crate::vm::{self, RunningVm};
 use crate::vmconfig::VmConfig;
 use std::path::PathBuf;
+
+mod resolve;
+use resolve::read_facts;
 
 /// Resolved command-line context.
 pub struct Env {
@@ -31,6 +35,11 @@ pub struct Loaded {
     pub facts: HostFacts,
     pub config: VmConfig,
     pub running: Option<RunningVm>,
+    /// The VM's CPUs: the profile's list at once; a placement request's once
+    /// [`Loaded::resolve`] ran. `None`: the VM owns no CPUs (or they are not placed yet).
+    pub cpus: Option<Located<CpuSet>>,
+    /// Why placement chose `cpus` (empty for an explicit list).
+    pub placed: Vec<String>,
 }
 
 impl Loaded {
@@ -42,6 +51,7 @@ impl Loaded {
         Inputs {
             vmid,
             profile: &self.profile,
+            cpus: self.cpus.as_ref(),
             topology: &self.topology,
             facts: &self.facts,
             config: &self.config,
@@ -58,20 +68,33 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         return Ok(None);
     };
     let profile = profile::load(&path)?;
-    // Only the VM's CPUs: what a plan places threads on (see `Topology::read_for`).
-    let topology = Topology::read_for(env.root.base(), &profile.cpus.value)?;
-    let facts = HostFacts::read(
-        &env.root,
-        &profile.cpus.value,
-        profile.sysctl.iter().map(|(name, _)| name.as_str()),
-        profile.isolation.irqs,
-        profile.isolation.partition.is_some(),
-        profile
-            .isolation
-            .cpu_cycle
-            .as_ref()
-            .is_some_and(|c| c.value),
-    );
+    let listed = match profile.cpus.as_ref() {
+        Some(
+            c @ Located {
+                value: CpuRequest::List(set),
+                ..
+            },
+        ) => Some(Located {
+            value: set.clone(),
+            line: c.line,
+            column: c.column,
+        }),
+        _ => None,
+    };
+    let topology = match (&profile.cpus, &listed) {
+        // Placement looks at every CPU of the host.
+        (Some(_), None) => Topology::read(env.root.base())?,
+        // Only the VM's CPUs: what a plan places threads on (see `Topology::read_for`).
+        _ => Topology::read_for(
+            env.root.base(),
+            &listed.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
+        )?,
+    };
+    // A placement request's facts depend on the CPUs it gets: read by `Loaded::resolve`.
+    let facts = match (&profile.cpus, &listed) {
+        (Some(_), None) => HostFacts::default(),
+        _ => read_facts(env, &profile, listed.as_ref()),
+    };
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {
         vm::discover(env.root.base(), vmid).map_err(|source| Error::Vm { vmid, source })?
@@ -84,6 +107,8 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         facts,
         config,
         running,
+        cpus: listed,
+        placed: Vec::new(),
     }))
 }
 
@@ -210,19 +235,26 @@ fn run_phase<H: Host>(
             if let Ok(from) = std::env::var("PVE_MIGRATED_FROM") {
                 log::info!("VM {vmid}: incoming migration from {from}");
             }
+            let mut loaded = loaded;
+            loaded.resolve(env, vmid, state)?;
             let others = state.owned_by_others(vmid);
             let plan = plan_for(&loaded, vmid, &others, phase)?;
             let record = VmRecord {
-                cpus: loaded.profile.cpus.value.clone(),
+                cpus: loaded
+                    .cpus
+                    .as_ref()
+                    .map(|c| c.value.clone())
+                    .unwrap_or_default(),
                 phase: phase.to_string(),
                 ..Default::default()
             };
             execute(env, host, store, state, (vmid, record), phase, &plan)
         }
         Phase::PostStart => {
-            let Some(loaded) = loaded else {
+            let Some(mut loaded) = loaded else {
                 return Ok(String::new());
             };
+            loaded.resolve(env, vmid, state)?;
             let running = loaded.running.as_ref().ok_or(Error::NotRunning { vmid })?;
             if let Ok(from) = std::env::var("PVE_MIGRATED_FROM") {
                 log::info!("VM {vmid}: incoming migration from {from}: pinning as usual");
@@ -230,14 +262,19 @@ fn run_phase<H: Host>(
             let others = state.owned_by_others(vmid);
             let plan = plan_for(&loaded, vmid, &others, phase)?;
             let mut record = state.vms.get(&vmid).cloned().unwrap_or_default();
-            record.cpus = loaded.profile.cpus.value.clone();
+            record.cpus = loaded
+                .cpus
+                .as_ref()
+                .map(|c| c.value.clone())
+                .unwrap_or_default();
             record.pid = Some(running.pid);
             record.start_time = Some(running.start_time);
             record.phase = phase.to_string();
             let mut done = execute(env, host, store, state, (vmid, record), phase, &plan)?;
             // What the kernel did by itself, in the hook's output (qemu-server's task log).
-            if loaded.profile.isolation.verify_kthreads() {
-                let cpus = &loaded.profile.cpus.value;
+            if loaded.profile.isolation.verify_kthreads()
+                && let Some(cpus) = loaded.cpus.as_ref().map(|c| &c.value)
+            {
                 for (holds, line) in crate::tunables::partition::verify(&env.root, cpus) {
                     let mark = if holds { "" } else { "warning: " };
                     done.push_str(&format!("\npvetune: VM {vmid} {phase}: {mark}{line}"));
@@ -254,10 +291,19 @@ pub(crate) fn plan_for(
     others: &std::collections::BTreeMap<u32, crate::cpuset::CpuSet>,
     phase: Phase,
 ) -> Result<Plan, Error> {
-    plan::build(&loaded.inputs(vmid, others), phase).map_err(|source| Error::Plan {
-        path: loaded.profile.path.clone(),
-        source,
-    })
+    let mut plan =
+        plan::build(&loaded.inputs(vmid, others), phase).map_err(|source| Error::Plan {
+            path: loaded.profile.path.clone(),
+            source,
+        })?;
+    if phase == Phase::PreStart {
+        let why = loaded
+            .placed
+            .iter()
+            .map(|line| format!("placement: {line}"));
+        plan.notes.splice(0..0, why);
+    }
+    Ok(plan)
 }
 
 /// Records the VM's record (durably, before any change), then applies the plan as one batch.
@@ -425,18 +471,29 @@ pub fn rollback_command<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<Strin
 /// `pvetune check <vmid>`: everything pre-start and post-start would refuse, without changes.
 pub fn check(env: &Env, vmid: u32) -> Result<String, Error> {
     let state = Store::new(&env.root).load()?;
-    let Some(loaded) = load(env, vmid, false)? else {
+    let Some(mut loaded) = load(env, vmid, false)? else {
         return Ok(format!(
             "VM {vmid}: no profile, pvetune does nothing for it"
         ));
     };
+    loaded.resolve(env, vmid, &state)?;
     let others = state.owned_by_others(vmid);
-    plan::validate(&loaded.inputs(vmid, &others)).map_err(|source| Error::Plan {
+    let inputs = loaded.inputs(vmid, &others);
+    plan::validate(&inputs).map_err(|source| Error::Plan {
         path: loaded.profile.path.clone(),
         source,
     })?;
-    Ok(format!(
+    let mut out = format!(
         "VM {vmid}: {} is valid on this host",
         loaded.profile.path.display()
-    ))
+    );
+    if let Some(cpus) = &loaded.cpus
+        && !loaded.placed.is_empty()
+    {
+        out.push_str(&format!(" (CPUs placed: {})", cpus.value));
+    }
+    if let Some(warning) = crate::tunables::pinning::guest_smt_missing(&inputs) {
+        out.push_str(&format!("\n{warning}"));
+    }
+    Ok(out)
 }

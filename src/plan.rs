@@ -172,6 +172,10 @@ impl PlanError {
 pub struct Inputs<'a> {
     pub vmid: u32,
     pub profile: &'a Profile,
+    /// The CPUs the VM owns: the profile's list, or where placement put them (recorded in
+    /// the ledger at pre-start). `None`: the profile gives the VM no CPUs. Every tunable reads
+    /// them here, never from the profile.
+    pub cpus: Option<&'a Located<CpuSet>>,
     pub topology: &'a Topology,
     pub facts: &'a HostFacts,
     pub config: &'a VmConfig,
@@ -182,7 +186,10 @@ pub struct Inputs<'a> {
 
 /// Checks the profile against the host and the VM; shared by `check` and every phase.
 pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
-    let cpus = &inp.profile.cpus;
+    tunables::sysctl::validate(inp)?;
+    let Some(cpus) = inp.cpus else {
+        return Ok(());
+    };
     let missing = cpus.value.difference(&inp.topology.online);
     if !missing.is_empty() {
         return Err(PlanError::at(
@@ -206,7 +213,6 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
     }
     tunables::pinning::validate(inp)?;
     tunables::governor::validate(inp)?;
-    tunables::sysctl::validate(inp)?;
     tunables::partition::validate(inp)?;
     tunables::cycle::validate(inp)?;
     Ok(())

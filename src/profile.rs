@@ -16,15 +16,18 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+mod cpus;
 mod trust;
+pub use cpus::{CpuRequest, PlaceRequest, SmtPolicy, Within};
 use trust::check_owner;
 
 /// A validated profile, still independent of the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
     pub path: PathBuf,
-    /// Host CPUs this VM owns exclusively while it runs.
-    pub cpus: Located<CpuSet>,
+    /// Host CPUs this VM owns exclusively while it runs: named, or placed by topology at
+    /// pre-start. `None`: the VM owns no CPUs (and the CPU tunables do nothing).
+    pub cpus: Option<Located<CpuRequest>>,
     pub vcpus: Located<VcpuLayout>,
     pub emulator: Located<Placement>,
     pub iothreads: Located<Placement>,
@@ -139,13 +142,13 @@ const PLANNED_KEYS: &[&str] = &["irq", "hugepages", "pci-reset"];
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawProfile {
-    cpus: Spanned<String>,
+    cpus: Option<Spanned<cpus::RawCpus>>,
     vcpus: Option<Spanned<RawLayout>>,
     emulator: Option<Spanned<String>>,
     iothreads: Option<Spanned<String>>,
     governor: Option<Spanned<String>>,
     sysctl: Option<BTreeMap<String, Spanned<String>>>,
-    isolation: Option<RawIsolation>,
+    isolation: Option<Spanned<RawIsolation>>,
 }
 
 #[derive(Deserialize)]
@@ -225,9 +228,22 @@ pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
 
 /// Parses and validates profile text (no host knowledge needed).
 pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
+    // Every key is optional, so an empty file (or one of comments only) would parse as a
+    // profile that does nothing: almost always a mistake.
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Err(ProfileError::Syntax {
+            path: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: "empty profile: expected keys such as cpus or sysctl (docs/profile.md)".into(),
+        });
+    }
     let options = serde_saphyr::options! { strict_booleans: true };
     let raw: RawProfile =
-        serde_saphyr::from_str_with_options(text, options).map_err(|e| syntax(path, text, &e))?;
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| syntax(path, &e))?;
     let invalid = |key, at: (u32, u32), message: String| ProfileError::Invalid {
         path: path.to_path_buf(),
         line: at.0,
@@ -235,14 +251,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         key,
         message,
     };
-    let cpus: CpuSet = raw
-        .cpus
-        .value
-        .parse()
-        .map_err(|e: crate::cpuset::CpuListError| invalid("cpus", at(&raw.cpus), e.to_string()))?;
-    if cpus.is_empty() {
-        return Err(invalid("cpus", at(&raw.cpus), "no CPUs given".into()));
+    if raw.cpus.is_none() {
+        cpus::require_cpus(
+            [
+                ("vcpus", raw.vcpus.as_ref().map(at)),
+                ("emulator", raw.emulator.as_ref().map(at)),
+                ("iothreads", raw.iothreads.as_ref().map(at)),
+                ("governor", raw.governor.as_ref().map(at)),
+                ("isolation", raw.isolation.as_ref().map(at)),
+            ],
+            &invalid,
+        )?;
     }
+    let cpus_request = raw.cpus.map(|c| cpus::parse(c, &invalid)).transpose()?;
+    let listed = match cpus_request.as_ref().map(|c| &c.value) {
+        Some(CpuRequest::List(set)) => Some(set.clone()),
+        _ => None,
+    };
     let vcpus = match raw.vcpus {
         None => located(VcpuLayout::Auto, (0, 0)),
         Some(s) => {
@@ -266,6 +291,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
                 },
             };
             if let VcpuLayout::Explicit(list) = &layout {
+                let Some(cpus) = &listed else {
+                    return Err(invalid(
+                        "vcpus",
+                        pos,
+                        "a list of host CPUs needs 'cpus' as a cpulist, not a placement \
+                         request (use auto, smt-pairs, cores-first or sequential)"
+                            .into(),
+                    ));
+                };
                 let mut seen = CpuSet::new();
                 for &cpu in list {
                     if !cpus.contains(cpu) {
@@ -306,6 +340,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     };
     let emulator = placement("emulator", raw.emulator)?;
     let iothreads = placement("iothreads", raw.iothreads)?;
+    cpus::check_reserved(
+        cpus_request.as_ref(),
+        [&emulator.value, &iothreads.value],
+        &invalid,
+    )?;
     let governor = match raw.governor {
         None => None,
         Some(g) => {
@@ -343,7 +382,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         }
         sysctl.push((name, located(value.value.clone(), pos)));
     }
-    let raw_isolation = raw.isolation.unwrap_or(RawIsolation {
+    let raw_isolation = raw.isolation.map(|i| i.value).unwrap_or(RawIsolation {
         irqs: None,
         partition: None,
         kthreads: None,
@@ -396,7 +435,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
     };
     Ok(Profile {
         path: path.to_path_buf(),
-        cpus: located(cpus, at(&raw.cpus)),
+        cpus: cpus_request,
         vcpus,
         emulator,
         iothreads,
@@ -450,7 +489,7 @@ fn located<T>(value: T, (line, column): (u32, u32)) -> Located<T> {
     }
 }
 
-fn syntax(path: &Path, text: &str, e: &serde_saphyr::Error) -> ProfileError {
+fn syntax(path: &Path, e: &serde_saphyr::Error) -> ProfileError {
     let (line, column) = e
         .location()
         .map(|l| (l.line() as u32, l.column() as u32))
@@ -466,9 +505,6 @@ fn syntax(path: &Path, text: &str, e: &serde_saphyr::Error) -> ProfileError {
         message = format!(
             "'{key}' is part of the profile schema but not supported by this pvetune version yet"
         );
-    }
-    if text.trim().is_empty() {
-        message = "empty profile: at least 'cpus' is required".into();
     }
     ProfileError::Syntax {
         path: path.to_path_buf(),
@@ -489,7 +525,10 @@ mod tests {
     #[test]
     fn full_profile() {
         let prof = p("cpus: 6-11,18-23\nvcpus: smt-pairs\nemulator: 0-1\niothreads: vm\ngovernor: performance\nsysctl: { vm.stat_interval: 120 }\n").unwrap();
-        assert_eq!(prof.cpus.value.to_string(), "6-11,18-23");
+        assert_eq!(
+            prof.cpus.unwrap().value,
+            CpuRequest::List("6-11,18-23".parse().unwrap())
+        );
         assert_eq!(prof.vcpus.value, VcpuLayout::SmtPairs);
         assert_eq!(prof.emulator.value, Placement::Cpus(CpuSet::range(0, 1)));
         assert_eq!(prof.iothreads.value, Placement::VmCpus);
@@ -504,7 +543,10 @@ mod tests {
         let prof = p("cpus: 4\n").unwrap();
         assert_eq!(prof.vcpus.value, VcpuLayout::Auto);
         assert_eq!(prof.emulator.value, Placement::Housekeeping);
-        assert_eq!(prof.cpus.value, CpuSet::range(4, 4));
+        assert_eq!(
+            prof.cpus.unwrap().value,
+            CpuRequest::List(CpuSet::range(4, 4))
+        );
     }
 
     #[test]

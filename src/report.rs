@@ -18,11 +18,12 @@ pub fn render_plan<H: Host>(
     let state = Store::new(&env.root).load()?;
     // Post-stop is the undo of the ledger: it needs neither profile nor VM.
     let loaded = if phases.iter().any(|&p| p != Phase::PostStop) {
-        let Some(loaded) = load(env, vmid, true)? else {
+        let Some(mut loaded) = load(env, vmid, true)? else {
             return Ok(vec![format!(
                 "VM {vmid} has no profile: pvetune does nothing for it"
             )]);
         };
+        loaded.resolve(env, vmid, &state)?;
         Some(loaded)
     } else {
         None

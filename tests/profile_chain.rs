@@ -65,7 +65,11 @@ fn a_safe_chain_and_a_safe_symlink_are_accepted() {
     load(&real).unwrap();
     let link = dir(t.path().join("links")).join("100.yaml");
     symlink("../a/b/100.yaml", &link).unwrap();
-    assert_eq!(load(&link).unwrap().cpus.value.to_string(), "4-7");
+    let cpus = load(&link).unwrap().cpus.unwrap().value;
+    assert_eq!(
+        cpus,
+        pvetune::profile::CpuRequest::List("4-7".parse().unwrap())
+    );
 }
 
 #[test]

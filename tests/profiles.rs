@@ -26,6 +26,10 @@ fn shipped_profiles_fit_their_example_hosts() {
         ("database-numa.yaml", "xeon-2s", "200"),
         ("explicit-map.yaml", "guest-nocpufreq", "400"),
         ("minimal.yaml", "guest-nocpufreq", "400"),
+        // The portable profile on three different CPUs.
+        ("portable.yaml", "ryzen-5900x", "100"),
+        ("portable.yaml", "intel-hybrid", "300"),
+        ("portable.yaml", "xeon-2s", "200"),
     ] {
         let path = profiles.join(profile);
         let out = fixture::pvetune(

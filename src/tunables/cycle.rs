@@ -46,8 +46,11 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
     {
         return;
     }
+    let Some(cpus) = inp.cpus else {
+        return;
+    };
     let hotplug = inp.facts.hotplug.clone().unwrap_or_default();
-    for cpu in inp.profile.cpus.value.iter() {
+    for cpu in cpus.value.iter() {
         if hotplug.contains(&cpu) {
             plan.steps.push(Step {
                 tunable: TUNABLE,

@@ -5,10 +5,10 @@ use crate::plan::{Action, Inputs, Plan, PlanError, Skip, Step};
 use std::collections::BTreeSet;
 
 pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
-    let Some(governor) = &inp.profile.governor else {
+    let (Some(governor), Some(cpus)) = (&inp.profile.governor, inp.cpus) else {
         return Ok(());
     };
-    for cpu in inp.profile.cpus.value.iter() {
+    for cpu in cpus.value.iter() {
         if let Some(freq) = inp.facts.cpufreq.get(&cpu)
             && !freq.available.is_empty()
             && !freq.available.contains(&governor.value)
@@ -28,10 +28,10 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
 }
 
 pub fn plan(inp: &Inputs, plan: &mut Plan) {
-    let Some(governor) = &inp.profile.governor else {
+    let (Some(governor), Some(cpus)) = (&inp.profile.governor, inp.cpus) else {
         return;
     };
-    let cpus = &inp.profile.cpus.value;
+    let cpus = &cpus.value;
     let without: CpuSet = cpus
         .iter()
         .filter(|c| !inp.facts.cpufreq.contains_key(c))

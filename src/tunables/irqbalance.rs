@@ -16,10 +16,10 @@ use crate::profile::IrqbalancePolicy;
 const TUNABLE: &str = "irqbalance";
 
 pub fn plan(inp: &Inputs, irqs: &Irqs, plan: &mut Plan) {
-    let Some(pid) = irqs.irqbalance else {
+    let (Some(pid), Some(cpus)) = (irqs.irqbalance, inp.cpus) else {
         return;
     };
-    let cpus = &inp.profile.cpus.value;
+    let cpus = &cpus.value;
     let socket = socket_path(pid);
     let why = match inp.profile.isolation.irqbalance {
         IrqbalancePolicy::Ban if irqs.irqbalance_socket => {

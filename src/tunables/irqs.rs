@@ -21,10 +21,10 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
     if !inp.profile.isolation.irqs {
         return;
     }
-    let Some(irqs) = &inp.facts.irqs else {
+    let (Some(irqs), Some(cpus)) = (&inp.facts.irqs, inp.cpus) else {
         return;
     };
-    let cpus = &inp.profile.cpus.value;
+    let cpus = &cpus.value;
     let housekeeping = housekeeping(inp);
     if housekeeping.is_empty() {
         plan.skipped.push(Skip {

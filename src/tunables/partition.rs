@@ -97,7 +97,10 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
             ),
         ));
     }
-    let cpus = &inp.profile.cpus.value;
+    let Some(cpus) = inp.cpus else {
+        return Ok(());
+    };
+    let cpus = &cpus.value;
     for (key, placement) in [
         ("emulator", &inp.profile.emulator),
         ("iothreads", &inp.profile.iothreads),
@@ -123,9 +126,9 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
 }
 
 pub fn plan(inp: &Inputs, plan: &mut Plan) {
-    if inp.profile.isolation.partition.is_none() {
+    let (Some(_), Some(cpus)) = (&inp.profile.isolation.partition, inp.cpus) else {
         return;
-    }
+    };
     let scope = scope_of(inp.vmid);
     if let Some(vm) = inp.running
         && let Some(actual) = vm.cgroup.as_deref()
@@ -141,7 +144,7 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
         });
         return;
     }
-    let cpus = &inp.profile.cpus.value;
+    let cpus = &cpus.value;
     let vcpus = format!("{scope}/{VCPUS}");
     let step = |action| Step {
         tunable: TUNABLE,

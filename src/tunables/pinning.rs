@@ -7,11 +7,14 @@
 
 use crate::cpuset::CpuSet;
 use crate::plan::{Action, Inputs, Plan, PlanError, Step, ThreadRef};
-use crate::profile::{Placement, VcpuLayout};
+use crate::profile::{CpuRequest, PlaceRequest, Placement, SmtPolicy, VcpuLayout};
 use crate::topology::{CpuKind, Topology};
 use std::collections::BTreeMap;
 
 pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
+    if inp.cpus.is_none() {
+        return Ok(());
+    }
     vcpu_targets(inp)?;
     placement(inp, &inp.profile.emulator.value, "emulator")?;
     placement(inp, &inp.profile.iothreads.value, "iothreads")?;
@@ -19,6 +22,9 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
 }
 
 pub fn plan(inp: &Inputs, plan: &mut Plan) -> Result<(), PlanError> {
+    if inp.cpus.is_none() {
+        return Ok(());
+    }
     let targets = vcpu_targets(inp)?;
     let emulator = placement(inp, &inp.profile.emulator.value, "emulator")?;
     let iothreads = placement(inp, &inp.profile.iothreads.value, "iothreads")?;
@@ -30,6 +36,7 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) -> Result<(), PlanError> {
         layout_name(&layout)
     ));
     plan.notes.extend(numa_mismatches(inp, &targets));
+    plan.notes.extend(guest_smt_missing(inp));
     if let Some(affinity) = &inp.config.affinity {
         plan.notes.push(format!(
             "VM config sets affinity {affinity} for the whole process; the per-thread pinning below replaces it"
@@ -142,7 +149,16 @@ fn guest_threads(inp: &Inputs) -> usize {
 }
 
 fn effective_layout(inp: &Inputs) -> VcpuLayout {
+    // `smt: isolate` holds whole cores but runs one vCPU on each: their first threads.
+    let isolate = matches!(
+        inp.profile.cpus.as_ref().map(|c| &c.value),
+        Some(CpuRequest::Place(PlaceRequest {
+            smt: SmtPolicy::Isolate,
+            ..
+        }))
+    );
     match &inp.profile.vcpus.value {
+        VcpuLayout::Auto if isolate => VcpuLayout::CoresFirst,
         VcpuLayout::Auto if guest_threads(inp) >= 2 && inp.topology.smt_width() >= 2 => {
             VcpuLayout::SmtPairs
         }
@@ -176,13 +192,16 @@ fn ordered_cores(topo: &Topology, cpus: &CpuSet) -> Vec<CpuSet> {
 
 /// The host CPU of each vCPU, in vCPU order.
 pub fn vcpu_targets(inp: &Inputs) -> Result<Vec<u32>, PlanError> {
-    let cpus = &inp.profile.cpus.value;
+    let Some(located) = inp.cpus else {
+        return Ok(Vec::new());
+    };
+    let cpus = &located.value;
     let n = vcpu_count(inp);
     let fail = |msg: String| PlanError::at("vcpus", &inp.profile.vcpus, msg);
     if n > cpus.len() {
         return Err(PlanError::at(
             "cpus",
-            &inp.profile.cpus,
+            located,
             format!(
                 "the VM has {n} vCPUs but cpus ({cpus}) has only {} CPUs",
                 cpus.len()
@@ -235,7 +254,21 @@ pub fn placement(inp: &Inputs, which: &Placement, key: &'static str) -> Result<C
         &inp.profile.iothreads
     };
     let cpus = match which {
-        Placement::VmCpus => inp.profile.cpus.value.clone(),
+        // With CPUs reserved for them (`cpus: {emulator-cpus: N}`), the VM's CPUs that no
+        // vCPU runs on; else all of the VM's CPUs.
+        Placement::VmCpus => {
+            let own = inp.cpus.map(|c| c.value.clone()).unwrap_or_default();
+            let reserved = matches!(
+                inp.profile.cpus.as_ref().map(|c| &c.value),
+                Some(CpuRequest::Place(r)) if r.emulator_cpus > 0
+            );
+            let rest = own.difference(&vcpu_targets(inp)?.into_iter().collect());
+            if reserved && !rest.is_empty() {
+                rest
+            } else {
+                own
+            }
+        }
         Placement::Cpus(set) => {
             let missing = set.difference(&inp.topology.online);
             if !missing.is_empty() {
@@ -261,12 +294,37 @@ pub fn placement(inp: &Inputs, which: &Placement, key: &'static str) -> Result<C
 
 /// Online CPUs that are not isolated and not owned by this or another running VM.
 pub fn housekeeping(inp: &Inputs) -> CpuSet {
-    let owned = inp
-        .others
-        .values()
-        .fold(inp.profile.cpus.value.clone(), |acc, c| acc.union(c));
+    let owned = inp.others.values().fold(
+        inp.cpus.map(|c| c.value.clone()).unwrap_or_default(),
+        |acc, c| acc.union(c),
+    );
     inp.topology
         .online
         .difference(&inp.topology.isolated)
         .difference(&owned)
+}
+
+/// Two vCPUs on the threads of one host core while the guest sees no SMT (no
+/// `args: -smp ...,threads=2`): the guest schedules them as independent cores, and its
+/// scheduler cannot know that they compete for one core.
+pub fn guest_smt_missing(inp: &Inputs) -> Option<String> {
+    if guest_threads(inp) >= 2 {
+        return None;
+    }
+    let targets = vcpu_targets(inp).ok()?;
+    let cores = inp.topology.cores();
+    let shared = cores
+        .iter()
+        .filter(|core| targets.iter().filter(|c| core.contains(**c)).count() >= 2)
+        .count();
+    if shared == 0 {
+        return None;
+    }
+    let n = targets.len();
+    Some(format!(
+        "warning: {shared} host core(s) run two of this VM's vCPUs on their sibling threads, but \
+         the guest sees no SMT: add `args: -smp {n},sockets=1,cores={},threads=2` to the VM \
+         config (and `-cpu host,topoext=on` on AMD) so the guest knows which vCPUs share a core",
+        n.div_ceil(2)
+    ))
 }

@@ -20,6 +20,9 @@ pub enum Numbering {
     SiblingsLast,
     /// CPUs 2N and 2N + 1 are siblings (Intel clients, QEMU guests).
     Interleaved,
+    /// Packages take turns (CPU 0 on package 0, CPU 1 on package 1, ...), siblings after
+    /// every core's first thread: many 2-socket Xeon servers (hwloc's `16em64t-4s2c2t`).
+    PackagesInterleaved,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +109,9 @@ fn layout(spec: &HostSpec) -> Vec<Core> {
                 .map(|t| match spec.numbering {
                     Numbering::SiblingsLast => c + t * ncores,
                     Numbering::Interleaved => c * tpc + t,
+                    Numbering::PackagesInterleaved => {
+                        (c % cpp) * spec.packages + c / cpp + t * ncores
+                    }
                 })
                 .collect(),
             performance: true,
@@ -237,6 +243,7 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
         put(root, "sys/devices/cpu_atom/cpus", &pick(false));
     }
     write_irqs(root, &cores, &online, nbits);
+    write_cpuinfo(root, spec, &cores, &online);
     put(root, "proc/sys/vm/stat_interval", "1");
     put(root, "proc/sys/vm/swappiness", "60");
     put_empty(root, "proc/sys/vm/compact_memory");
@@ -246,6 +253,52 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
     put(root, "proc/sys/kernel/sched_rt_runtime_us", "950000");
     put(root, "proc/sys/kernel/osrelease", "6.17.2-1-pve");
     write_cgroups(root, &online, spec.nodes.len().max(1));
+}
+
+/// The CPU vendor of a generated machine. The specs name none: SMT numbered siblings-last with
+/// acpi-cpufreq and no hybrid cores is how the example Ryzen is described (AMD's Zen
+/// numbering, and AMD boards without amd-pstate use acpi-cpufreq); every other spec is Intel.
+pub fn vendor(spec: &HostSpec) -> &'static str {
+    let acpi = spec
+        .cpufreq
+        .as_ref()
+        .is_some_and(|f| f.driver == "acpi-cpufreq");
+    if spec.numbering == Numbering::SiblingsLast && acpi && spec.hybrid.is_none() {
+        "AuthenticAMD"
+    } else {
+        "GenuineIntel"
+    }
+}
+
+/// `/proc/cpuinfo` as x86's `show_cpuinfo` prints it, the fields pvetune may read (one block
+/// per online CPU, a blank line after each).
+fn write_cpuinfo(root: &Path, spec: &HostSpec, cores: &[Core], online: &CpuSet) {
+    let vendor = vendor(spec);
+    let (family, model) = if vendor == "AuthenticAMD" {
+        ("25", "AMD Ryzen 9 5900X 12-Core Processor")
+    } else {
+        ("6", "Intel(R) Xeon(R) CPU")
+    };
+    let mut text = String::new();
+    for cpu in online.iter() {
+        let Some(core) = cores.iter().find(|c| c.cpus.contains(cpu)) else {
+            continue;
+        };
+        let siblings = cores
+            .iter()
+            .filter(|c| c.package == core.package)
+            .map(|c| c.cpus.intersection(online).len())
+            .sum::<usize>();
+        let ncores = cores.iter().filter(|c| c.package == core.package).count();
+        text.push_str(&format!(
+            "processor\t: {cpu}\nvendor_id\t: {vendor}\ncpu family\t: {family}\n\
+             model name\t: {model}\nphysical id\t: {}\nsiblings\t: {siblings}\n\
+             core id\t\t: {}\ncpu cores\t: {ncores}\n\n",
+            core.package, core.core_id
+        ));
+    }
+    // `put` adds the final newline; the kernel's last block ends with a blank line too.
+    put(root, "proc/cpuinfo", text.trim_end_matches('\n'));
 }
 
 /// `/sys/fs/cgroup` as systemd leaves it on a Proxmox VE 9 host before any VM is isolated: cpuset
