@@ -1,19 +1,16 @@
 //! Parsers are linear: inputs of 10 MB (a VM config value, a whole config file, a cpulist)
-//! are parsed or refused in bounded time and memory, and an error quotes a bounded excerpt
-//! of the input, never megabytes.
+//! are parsed or refused, and an error quotes a bounded excerpt of the input, never
+//! megabytes. No wall-clock limit is asserted (a shared machine makes any limit flaky, and
+//! speed is the benchmark's business, docs/performance.md): quadratic work on 10 MB would not
+//! end within CI's time, which fails the run just as surely.
 
 mod common;
-
-use std::time::{Duration, Instant};
 
 use common::TempDir;
 use pvetune::cpuset::{CpuSet, MAX_CPUS};
 use pvetune::vmconfig::{VmConfig, VmConfigError};
 
 const TEN_MB: usize = 10 << 20;
-/// A guard against quadratic work only (debug build, shared machine): linear work on 10 MB
-/// takes well under a second.
-const GENEROUS: Duration = Duration::from_secs(5);
 /// An error message quotes at most ~80 characters of input plus its own words.
 const SHORT_MESSAGE: usize = 400;
 
@@ -22,9 +19,7 @@ fn repeat_to(unit: &str, bytes: usize) -> String {
 }
 
 fn config_error(text: &str) -> String {
-    let start = Instant::now();
     let result = VmConfig::parse(text);
-    assert!(start.elapsed() < GENEROUS, "{:?}", start.elapsed());
     let err = result.expect_err("a 10 MB invalid value is refused");
     let message = err.to_string();
     assert!(message.len() < SHORT_MESSAGE, "{} bytes", message.len());
@@ -39,9 +34,7 @@ fn a_10_mb_args_line_is_parsed_or_refused_with_a_short_message() {
         "args: -smp 4,threads=2 {}\n",
         repeat_to("-foo bar ", TEN_MB)
     );
-    let start = Instant::now();
     let config = VmConfig::parse(&valid).unwrap();
-    assert!(start.elapsed() < GENEROUS, "{:?}", start.elapsed());
     assert_eq!((config.smp_cpus, config.smp_threads), (Some(4), Some(2)));
 
     // Invalid: a 10 MB -smp value.
@@ -71,9 +64,7 @@ fn a_10_mb_config_file_is_read_and_a_larger_one_refused() {
         repeat_to("description: x\nunknown-key: y\n", TEN_MB)
     );
     std::fs::write(dir.join("100.conf"), &body).unwrap();
-    let start = Instant::now();
     let config = VmConfig::read(root.path(), 100).unwrap();
-    assert!(start.elapsed() < GENEROUS, "{:?}", start.elapsed());
     assert_eq!((config.cores, config.sockets), (4, 2));
 
     // An invalid value at the end of a 10 MB file: a short message with the line number.
@@ -103,9 +94,7 @@ fn huge_cpulists_are_refused_in_bounded_time_with_a_short_message() {
         (format!("0-3,{}", "7".repeat(TEN_MB)), MAX_CPUS),
     ];
     for (input, nbits) in &cases {
-        let start = Instant::now();
         let result = CpuSet::parse_list(input, *nbits);
-        assert!(start.elapsed() < GENEROUS, "{:?}", start.elapsed());
         let shown = &input[..input.len().min(20)];
         match result {
             Err(e) => {
@@ -142,9 +131,7 @@ fn a_10_mb_profile_is_refused_with_a_short_message() {
         format!("cpus: 4-7\n{}", repeat_to("# comment\n", TEN_MB)),
     )
     .unwrap();
-    let start = Instant::now();
     let err = pvetune::profile::load(&path).unwrap_err();
-    assert!(start.elapsed() < GENEROUS, "{:?}", start.elapsed());
     let message = err.to_string();
     assert!(message.len() < SHORT_MESSAGE, "{} bytes", message.len());
     assert!(message.contains("larger than 1 MiB"), "{message}");
