@@ -1,0 +1,405 @@
+//! The checks of `pvetune doctor`: the host once (`Node`), then each VM's config and profile.
+
+use super::{Finding, Severity};
+use crate::cpuset::CpuSet;
+use crate::enable::storage;
+use crate::hook::{Env, Loaded};
+use crate::profile::IrqbalancePolicy;
+use crate::root::{Root, paths};
+use crate::vmconfig::VmConfig;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// HA resources (`vm: <vmid>` sections): the cluster manager may start them on any node.
+const HA_RESOURCES: &str = "/etc/pve/ha/resources.cfg";
+const CPUINFO: &str = "/proc/cpuinfo";
+
+/// What doctor reads of the host once, for every VM.
+pub struct Node {
+    pub irqbalance: Option<u32>,
+    pub ksmtuned: Option<u32>,
+    pub amd: bool,
+    pub ha: BTreeSet<u32>,
+}
+
+impl Node {
+    pub fn read(root: &Root) -> Node {
+        let ha = std::fs::read_to_string(root.path(HA_RESOURCES))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("vm:"))
+            .filter_map(|id| crate::cli::parse_vmid(id.trim()).ok())
+            .collect();
+        let amd = crate::attr::read(&root.path(CPUINFO)).is_ok_and(|text| {
+            text.lines()
+                .find(|l| l.starts_with("vendor_id"))
+                .is_some_and(|l| l.ends_with("AuthenticAMD"))
+        });
+        Node {
+            irqbalance: crate::facts::find_process(root, "irqbalance"),
+            ksmtuned: crate::facts::find_process(root, "ksmtuned"),
+            amd,
+            ha,
+        }
+    }
+}
+
+/// Whether a hookscript volume is pvetune's snippet.
+pub fn is_pvetune_hook(volid: &str) -> bool {
+    storage::split_volume(volid).is_some_and(|(_, f)| f == crate::enable::SNIPPET)
+}
+
+struct Out {
+    vmid: u32,
+    list: Vec<Finding>,
+}
+
+impl Out {
+    fn push(&mut self, severity: Severity, code: &'static str, message: String, fix: String) {
+        self.list.push(Finding {
+            vmid: self.vmid,
+            severity,
+            code,
+            message,
+            fix,
+        });
+    }
+}
+
+/// Every finding of one VM.
+pub fn vm(env: &Env, node: &Node, vmid: u32) -> Vec<Finding> {
+    let mut out = Out {
+        vmid,
+        list: Vec::new(),
+    };
+    let config = match VmConfig::read(env.root.base(), vmid) {
+        Ok(config) => config,
+        Err(e) => {
+            out.push(
+                Severity::Error,
+                "vm-config",
+                e.to_string(),
+                "fix the VM config at the line named, or remove the profile of a VM that no \
+                 longer exists"
+                    .into(),
+            );
+            return out.list;
+        }
+    };
+    config_checks(&mut out, &config);
+    let has_profile = crate::profile::locate(&env.root, vmid, env.profile.as_deref()).is_some();
+    hookscript_checks(&mut out, env, &config, has_profile);
+    match crate::hook::load(env, vmid, false) {
+        Ok(Some(loaded)) => profile_checks(&mut out, env, node, &loaded),
+        Ok(None) => {}
+        Err(e) => out.push(
+            Severity::Error,
+            "profile-invalid",
+            e.to_string(),
+            "fix the profile at the place named (docs/profile.md); `pvetune check` then passes"
+                .into(),
+        ),
+    }
+    if config.hugepages.is_some()
+        && let Some(pid) = node.ksmtuned
+    {
+        out.push(
+            Severity::Warning,
+            "ksmtuned-hugepages",
+            format!(
+                "ksmtuned runs (pid {pid}) while the VM's memory is hugepages, which KSM cannot \
+                 merge: its scans cost CPU for nothing"
+            ),
+            "`systemctl disable --now ksmtuned` on a node for hugepage VMs (or `allow-ksm: 0` \
+             where the release has it)"
+                .into(),
+        );
+    }
+    out.list
+}
+
+fn config_checks(out: &mut Out, config: &VmConfig) {
+    let vmid = out.vmid;
+    if !config.hostpci.is_empty() && config.balloon != Some(0) {
+        out.push(
+            Severity::Warning,
+            "balloon-passthrough",
+            "ballooning is on with PCI passthrough: the guest's memory is pinned for DMA, so the \
+             balloon cannot give any back"
+                .into(),
+            format!("`qm set {vmid} --balloon 0`"),
+        );
+    }
+    if config.hugepages.is_some() && !config.numa {
+        out.push(
+            Severity::Error,
+            "hugepages-without-numa",
+            "hugepages is set but numa is not: qemu-server refuses to start the VM".into(),
+            format!("`qm set {vmid} --numa 1`"),
+        );
+    }
+}
+
+fn hookscript_checks(out: &mut Out, env: &Env, config: &VmConfig, has_profile: bool) {
+    let vmid = out.vmid;
+    let Some(hook) = config.hookscript.as_deref().filter(|h| is_pvetune_hook(h)) else {
+        if has_profile {
+            out.push(
+                Severity::Warning,
+                "not-enabled",
+                format!(
+                    "the VM has a profile but its hookscript is {}: pvetune never runs for it",
+                    config.hookscript.as_deref().unwrap_or("not set")
+                ),
+                format!("`pvetune enable {vmid}` (with --chain to keep another hookscript)"),
+            );
+        }
+        return;
+    };
+    let chained = crate::chain::read(env, vmid);
+    let volumes = [Some(hook.to_string()), chained.ok().flatten()];
+    for volid in volumes.iter().flatten() {
+        let present = storage::read(&env.root)
+            .and_then(|list| storage::volume_path(&list, volid))
+            .map(|p| storage::exists(&env.root.path(&p)));
+        match present {
+            Ok(true) => {}
+            Ok(false) => out.push(
+                Severity::Error,
+                "snippet-missing",
+                format!("hookscript {volid} does not exist on this node: the VM cannot start here"),
+                format!("install the pvetune package here and run `pvetune enable {vmid}`"),
+            ),
+            Err(e) => out.push(
+                Severity::Error,
+                "snippet-missing",
+                format!("hookscript {volid}: {e}"),
+                "fix /etc/pve/storage.cfg, or `pvetune enable` on a storage with snippets".into(),
+            ),
+        }
+    }
+}
+
+fn profile_checks(out: &mut Out, env: &Env, node: &Node, loaded: &Loaded) {
+    let vmid = out.vmid;
+    let (profile, config, topo) = (&loaded.profile, &loaded.config, &loaded.topology);
+    let others = crate::state::Store::new(&env.root)
+        .load()
+        .map(|s| s.owned_by_others(vmid))
+        .unwrap_or_default();
+    let inputs = loaded.inputs(vmid, &others);
+    let cpus = &profile.cpus.value;
+    if let Err(e) = crate::plan::validate(&inputs) {
+        let code = if e.key == "governor" {
+            "governor-unavailable"
+        } else {
+            "profile-invalid"
+        };
+        out.push(
+            Severity::Error,
+            code,
+            format!("{}:{}:{}: {e}", profile.path.display(), e.line, e.column),
+            "change the profile at the place named; `pvetune check` then passes".into(),
+        );
+    }
+    let cpu_type = config
+        .cpu
+        .as_deref()
+        .map(|c| c.split(',').next().unwrap_or_default())
+        .map(|c| c.strip_prefix("cputype=").unwrap_or(c));
+    if cpu_type != Some("host") {
+        out.push(
+            Severity::Warning,
+            "cpu-not-host",
+            format!(
+                "CPU type is {} for a latency VM: the guest gets a reduced instruction set and \
+                 an emulated topology",
+                cpu_type.unwrap_or("the default (x86-64-v2-AES)")
+            ),
+            format!(
+                "`qm set {vmid} --cpu host` (live migration then needs the same CPU on the target)"
+            ),
+        );
+    }
+    if let Some(affinity) = &config.affinity
+        && !cpus.is_subset(affinity)
+    {
+        out.push(
+            Severity::Warning,
+            "affinity-conflict",
+            format!(
+                "affinity: {affinity} leaves out CPU {} of the profile's cpus {cpus}: qemu-server \
+                 sets it on every QEMU thread with taskset, against pvetune's pinning",
+                cpus.difference(affinity)
+            ),
+            format!("`qm set {vmid} --delete affinity`: pvetune pins every thread itself"),
+        );
+    }
+    let core0 = cpus.contains(0)
+        || cpus
+            .iter()
+            .any(|c| topo.cpu(c).is_some_and(|cpu| cpu.siblings.contains(0)));
+    if core0 {
+        out.push(
+            Severity::Warning,
+            "cpu0-core",
+            format!("cpus {cpus} include CPU 0's core, where the kernel keeps housekeeping work (timers, unmovable IRQs)"),
+            "choose cpus without CPU 0 and its SMT sibling".into(),
+        );
+    }
+    if let Ok(targets) = crate::tunables::pinning::vcpu_targets(&inputs) {
+        numa_checks(out, config, topo, &targets);
+        topology_checks(out, config, topo, &targets);
+    }
+    let topoext = [config.cpu.as_deref(), config.args.as_deref()]
+        .iter()
+        .flatten()
+        .any(|s| s.contains("topoext"));
+    if node.amd && config.threads_per_core() > 1 && cpu_type != Some("host") && !topoext {
+        out.push(
+            Severity::Warning,
+            "amd-smt-without-topoext",
+            "the guest has SMT (threads > 1) on an AMD host without the topoext CPU flag: the \
+             guest sees no sibling threads"
+                .into(),
+            format!("use `cpu: host`, or add topoext: `qm set {vmid} --args \"-cpu <model>,topoext=on ...\"`"),
+        );
+    }
+    if let Some(pid) = node.irqbalance
+        && profile.isolation.irqbalance != IrqbalancePolicy::Ban
+    {
+        out.push(
+            Severity::Warning,
+            "irqbalance-running",
+            format!("irqbalance runs (pid {pid}) and moves IRQs onto the VM's CPUs at its next scan"),
+            "set `irqbalance: ban` under isolation: in the profile, or `systemctl disable --now irqbalance`".into(),
+        );
+    }
+    let cluster_wide = env.root.path(paths::PVE_PROFILE_DIR);
+    if node.ha.contains(&vmid) && !profile.path.starts_with(&cluster_wide) {
+        out.push(
+            Severity::Warning,
+            "ha-profile-node-local",
+            format!(
+                "the VM is an HA resource but its profile {} is on this node only: after a \
+                 failover it starts untuned",
+                env.root.host_path(&profile.path).display()
+            ),
+            format!(
+                "move it to {}/{vmid}.yaml (pmxcfs, every node)",
+                paths::PVE_PROFILE_DIR
+            ),
+        );
+    }
+}
+
+fn numa_checks(
+    out: &mut Out,
+    config: &VmConfig,
+    topo: &crate::topology::Topology,
+    targets: &[u32],
+) {
+    for (guest, spec) in &config.numa_nodes {
+        let Some(hostnodes) = &spec.hostnodes else {
+            continue;
+        };
+        let missing: Vec<String> = hostnodes
+            .iter()
+            .filter(|n| !topo.nodes.is_empty() && !topo.nodes.contains_key(n))
+            .map(u32::to_string)
+            .collect();
+        if !missing.is_empty() {
+            out.push(
+                Severity::Error,
+                "numa-node-missing",
+                format!(
+                    "numa{guest}: hostnodes={} does not exist on this host (nodes: {})",
+                    missing.join(";"),
+                    topo.nodes
+                        .keys()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                format!("set numa{guest}'s hostnodes to a node of this host"),
+            );
+            continue;
+        }
+        if !config.numa {
+            continue;
+        }
+        let remote: CpuSet = spec
+            .cpus
+            .iter()
+            .filter_map(|&v| targets.get(v as usize).copied())
+            .filter(|&cpu| topo.node_of(cpu).is_some_and(|n| !hostnodes.contains(&n)))
+            .collect();
+        if !remote.is_empty() {
+            let nodes: Vec<String> = hostnodes.iter().map(u32::to_string).collect();
+            out.push(
+                Severity::Warning,
+                "numa-memory-remote",
+                format!("numa{guest} binds its memory to host node {} but its vCPUs run on CPU {remote} of another node: every memory access is remote", nodes.join(",")),
+                format!("choose cpus on node {}, or set numa{guest}'s hostnodes to the node of the cpus", nodes.join(",")),
+            );
+        }
+    }
+}
+
+fn topology_checks(
+    out: &mut Out,
+    config: &VmConfig,
+    topo: &crate::topology::Topology,
+    targets: &[u32],
+) {
+    let vmid = out.vmid;
+    let siblings = |a: u32, b: u32| a != b && topo.cpu(a).is_some_and(|c| c.siblings.contains(b));
+    let threads = config.threads_per_core() as usize;
+    if threads <= 1 {
+        let mut by_core: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (vcpu, &cpu) in targets.iter().enumerate() {
+            let first = topo
+                .cpu(cpu)
+                .and_then(|c| c.siblings.first())
+                .unwrap_or(cpu);
+            by_core.entry(first).or_default().push(vcpu);
+        }
+        let shared: Vec<String> = by_core
+            .values()
+            .filter(|v| v.len() > 1)
+            .map(|v| {
+                v.iter()
+                    .map(|i| format!("vCPU {i}"))
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
+            .collect();
+        if !shared.is_empty() {
+            out.push(
+                Severity::Warning,
+                "guest-topology-mismatch",
+                format!("the guest has threads=1 but {} share a host core (SMT siblings): the guest schedules them as independent cores", shared.join(", ")),
+                format!("give the guest SMT (`args: -smp {},sockets=1,cores={},threads=2`), or cpus with one thread per core", targets.len(), targets.len().div_ceil(2)),
+            );
+        }
+    } else {
+        let split: Vec<String> = targets
+            .chunks(threads)
+            .enumerate()
+            .filter(|(_, c)| c.iter().skip(1).any(|&t| !siblings(c[0], t)))
+            .map(|(core, c)| {
+                format!(
+                    "guest core {core} on CPU {}",
+                    c.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                )
+            })
+            .collect();
+        if !split.is_empty() {
+            out.push(
+                Severity::Warning,
+                "guest-topology-mismatch",
+                format!("the guest has {threads} threads per core but {} are not SMT siblings of one host core", split.join("; ")),
+                format!("give VM {vmid} cpus with whole SMT cores (both threads) and `vcpus: auto` or `smt-pairs`"),
+            );
+        }
+    }
+}
