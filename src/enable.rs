@@ -68,6 +68,18 @@ pub fn enable(env: &Env, args: &EnableArgs) -> Result<Vec<String>, Error> {
     let volid = format!("{}:snippets/{SNIPPET}", store.id);
     let would = if args.dry_run { "would " } else { "" };
 
+    if let Some(current) = config.hookscript.as_deref()
+        && current != volid
+        && !is_ours(current)
+        && !args.chain
+    {
+        return Err(Error::Admin(format!(
+            "VM {vmid} has a hookscript already ({current}): pass --chain to keep it \
+             (pvetune runs it after its own work in every phase, with the same arguments), \
+             or remove it with `qm set {vmid} --delete hookscript`"
+        )));
+    }
+
     // The snippet: a link to the installed binary.
     let host_snippet = store
         .snippet_path(SNIPPET)
@@ -106,13 +118,6 @@ pub fn enable(env: &Env, args: &EnableArgs) -> Result<Vec<String>, Error> {
     match config.hookscript.as_deref() {
         Some(current) if current == volid => {
             out.push(format!("VM {vmid}: hookscript is {volid} already"));
-        }
-        Some(current) if !is_ours(current) && !args.chain => {
-            return Err(Error::Admin(format!(
-                "VM {vmid} has a hookscript already ({current}): pass --chain to keep it \
-                 (pvetune runs it after its own work in every phase, with the same arguments), \
-                 or remove it with `qm set {vmid} --delete hookscript`"
-            )));
         }
         current => {
             if let Some(other) = current.filter(|c| !is_ours(c)) {
