@@ -12,7 +12,7 @@ use std::path::PathBuf;
 const AFTER_HELP: &str = "\
 Hookscript use (as Proxmox VE calls it):
   pvetune <vmid> <phase>        phase: pre-start | post-start | pre-stop | post-stop
-  qm set <vmid> --hookscript local:snippets/pvetune
+  pvetune enable <vmid>         links the snippet, runs qm set <vmid> --hookscript ...
 
 Profiles: /etc/pve/pvetune/<vmid>.yaml (cluster-wide), else /etc/pvetune/profiles/<vmid>.yaml.
 A VM without a profile is left alone (exit 0).

@@ -268,6 +268,9 @@ fn a_node_local_profile_for_an_ha_vm() {
 #[test]
 fn hookscript_snippet_and_profile_problems() {
     let root = enabled();
+    // The package removed: the link dangles.
+    std::fs::remove_file(root.path.join("usr/bin/pvetune")).unwrap();
+    expect(&root, &["snippet-missing"], 2);
     std::fs::remove_file(root.path.join("var/lib/vz/snippets/pvetune")).unwrap();
     expect(&root, &["snippet-missing"], 2);
     let root = host(Some("local:snippets/gpu.sh"));

@@ -158,9 +158,13 @@ fn hookscript_checks(out: &mut Out, env: &Env, config: &VmConfig, has_profile: b
     let chained = crate::chain::read(env, vmid);
     let volumes = [Some(hook.to_string()), chained.ok().flatten()];
     for volid in volumes.iter().flatten() {
+        // A link (pvetune's snippet) counts when what it points to exists, under the root.
         let present = storage::read(&env.root)
             .and_then(|list| storage::volume_path(&list, volid))
-            .map(|p| storage::exists(&env.root.path(&p)));
+            .map(|p| match std::fs::read_link(env.root.path(&p)) {
+                Ok(target) if target.is_absolute() => env.root.path(target).exists(),
+                _ => env.root.path(&p).exists(),
+            });
         match present {
             Ok(true) => {}
             Ok(false) => out.push(
