@@ -55,11 +55,25 @@ pub fn hook<H: Host>(
     phase: Phase,
     print: &dyn Fn(&[String]) -> Result<(), Error>,
 ) -> Result<Vec<String>, Error> {
+    // A damaged record stops a start before any change (bad input changes nothing); in the
+    // other phases pvetune's own work (post-stop's rollback) is done first.
+    let chained = read(env, vmid);
+    if phase == Phase::PreStart
+        && let Err(e) = chained
+    {
+        return Err(e);
+    }
     let own = hook::run_hook(env, host, vmid, phase);
-    // Read after the hook: a damaged record must not stop pvetune's own phase.
-    let chained = read(env, vmid)?;
-    let Some(volid) = chained else {
-        return own.map(|line| vec![line]);
+    let volid = match chained {
+        Ok(Some(volid)) => volid,
+        Ok(None) => return own.map(|line| vec![line]),
+        Err(e) => {
+            if let Ok(line) = &own {
+                print(std::slice::from_ref(line))?;
+            }
+            own?;
+            return Err(e);
+        }
     };
     if phase == Phase::PreStart && own.is_err() {
         return own.map(|line| vec![line]);
@@ -88,19 +102,15 @@ pub fn hook<H: Host>(
 
 /// Runs the chained script with `<vmid> <phase>`; its exit code (1 when a signal ended it).
 fn run(env: &Env, vmid: u32, phase: Phase, volid: &str) -> Result<i32, Error> {
-    let storages = storage::read(&env.root).map_err(Error::Usage)?;
+    let fail = |e: String| Error::Admin(format!("chained hookscript {volid}: {e}"));
+    let storages = storage::read(&env.root).map_err(fail)?;
     let path: PathBuf = env
         .root
-        .path(storage::volume_path(&storages, volid).map_err(Error::Usage)?);
+        .path(storage::volume_path(&storages, volid).map_err(fail)?);
     let status = Command::new(&path)
         .arg(vmid.to_string())
         .arg(phase.as_str())
         .status()
-        .map_err(|e| {
-            Error::Usage(format!(
-                "chained hookscript {volid} ({}): cannot run: {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(|e| fail(format!("{}: cannot run: {e}", path.display())))?;
     Ok(status.code().unwrap_or(1))
 }

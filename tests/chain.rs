@@ -153,4 +153,25 @@ fn a_chain_record_that_is_not_a_snippet_volume_is_refused() {
         "{}",
         stderr(&out)
     );
+    // In pre-start it stops the start before pvetune changes anything.
+    let before = snapshot(&root.path);
+    let out = hook(&root, "pre-start", "0");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(snapshot(&root.path), before);
+}
+
+#[test]
+fn a_chained_script_missing_on_this_node_aborts_the_start_and_pvetune_undoes_its_own() {
+    let root = chained();
+    std::fs::remove_file(root.path.join("var/lib/vz/snippets/gpu.sh")).unwrap();
+    let before = snapshot(&root.path);
+    let out = hook(&root, "pre-start", "0");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("chained hookscript local:snippets/gpu.sh: ")
+            && stderr(&out).contains("var/lib/vz/snippets/gpu.sh: cannot run"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(snapshot(&root.path), before);
 }
