@@ -99,3 +99,60 @@ fn doctor_json() {
     assert!(out.status.success(), "{}", stderr(&out));
     snapshot("doctor-warnings", &root, &out);
 }
+
+#[test]
+fn status_shows_a_thread_moved_behind_pvetunes_back() {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    use nix::unistd::Pid;
+    let root = host(None);
+    // One vCPU on CPU 1, a CPU this machine has, so that the pin really lands.
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/102.conf",
+        "cores: 1\nmemory: 512\n",
+    );
+    write(
+        &root.path,
+        "/etc/pve/pvetune/102.yaml",
+        "cpus: 1\nemulator: vm\n",
+    );
+    let out = run(&root.path, &["102", "pre-start"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let vm = fixture::FakeVm::start(&root.path, 102);
+    fixture::fake_qmp_vcpus(&root.path, 102, &[(0, vm.pid)]);
+    let out = run(&root.path, &["102", "post-start"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = |root: &Root| -> serde_json::Value {
+        let out = run(&root.path, &["status", "102", "--json"], &[]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let doc = json(&root);
+    let thread = &doc["vms"][0]["threads"][0];
+    assert_eq!(
+        (thread["tid"].as_i64(), &thread["cpus"]),
+        (Some(vm.pid as i64), &"1".into())
+    );
+    assert_eq!(thread["drift"], serde_json::Value::Null);
+    assert_eq!(doc["vms"][0]["drifted"], 0);
+    // Someone (taskset, qemu-server's affinity) moves the vCPU to CPU 0.
+    let mut cpu0 = CpuSet::new();
+    cpu0.set(0).unwrap();
+    sched_setaffinity(Pid::from_raw(vm.pid), &cpu0).unwrap();
+    let doc = json(&root);
+    assert_eq!(doc["vms"][0]["threads"][0]["drift"], "0");
+    assert_eq!(doc["vms"][0]["drifted"], 1);
+    let out = run(&root.path, &["status", "102"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("  thread {} (vCPU 0): 1 (was ", vm.pid)))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.ends_with(") [changed outside pvetune: now 0]"),
+        "{line}"
+    );
+    assert!(
+        text.contains("holds 1: 1 changed outside pvetune"),
+        "{text}"
+    );
+}
