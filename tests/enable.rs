@@ -261,3 +261,54 @@ fn disable_rolls_back_a_stopped_vm_first_and_leaves_a_running_one_alone() {
         [argv(&["set", "100", "--delete", "hookscript"])]
     );
 }
+
+#[test]
+fn enable_refuses_a_snippet_that_is_not_its_link_and_a_storage_without_snippets() {
+    let root = host(None);
+    // A copy of the binary from the old install instructions.
+    write(
+        &root.path,
+        "/var/lib/vz/snippets/pvetune",
+        "an old pvetune binary\n",
+    );
+    let before = snapshot(&root.path);
+    let out = run(&root.path, &["enable", "100"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("/var/lib/vz/snippets/pvetune exists and is not a link to /usr/bin/pvetune"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        &root.path,
+        &["enable", "100", "--storage", "local-lvm"],
+        &[],
+    );
+    assert!(
+        stderr(&out).contains("storage 'local-lvm' is not a file storage"),
+        "{}",
+        stderr(&out)
+    );
+    write(
+        &root.path,
+        "/etc/pve/storage.cfg",
+        &format!(
+            "{}dir: backup\n\tpath /backup\n\tcontent backup\n",
+            admin::STORAGE
+        ),
+    );
+    let out = run(&root.path, &["enable", "100", "--storage", "backup"], &[]);
+    assert!(
+        stderr(&out).contains("storage 'backup' has no 'snippets' content type"),
+        "{}",
+        stderr(&out)
+    );
+    let mut after = snapshot(&root.path);
+    after.insert(
+        "etc/pve/storage.cfg".into(),
+        before["etc/pve/storage.cfg"].clone(),
+    );
+    assert_eq!(after, before);
+    assert!(qm_calls(&root.path).is_empty());
+}
