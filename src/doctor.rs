@@ -7,6 +7,7 @@
 //! profile or has pvetune as its hookscript.
 
 mod checks;
+mod placement;
 
 use crate::error::Error;
 use crate::hook::Env;
