@@ -35,6 +35,7 @@ pub fn host(hook: Option<&str>) -> Root {
         "/usr/bin/pvetune",
         "stand-in for the installed binary\n",
     );
+    std::fs::create_dir_all(root.path.join("run")).unwrap();
     script(
         &root.path,
         "stand-in/qm",
@@ -53,11 +54,9 @@ pub fn script(root: &Path, rel: &str, body: &str) -> PathBuf {
     path
 }
 
+/// Inside the root (removed with it), where `fixture::snapshot` does not look.
 pub fn qm_log(root: &Path) -> PathBuf {
-    root.parent().unwrap().join(format!(
-        "{}.qm-log",
-        root.file_name().unwrap().to_string_lossy()
-    ))
+    root.join("run/qm.log")
 }
 
 /// `pvetune --root <root> <args>` with the stand-in qm; `QM_EXIT` from `env`.
