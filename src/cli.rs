@@ -12,7 +12,7 @@ use std::path::PathBuf;
 const AFTER_HELP: &str = "\
 Hookscript use (as Proxmox VE calls it):
   pvetune <vmid> <phase>        phase: pre-start | post-start | pre-stop | post-stop
-  qm set <vmid> --hookscript local:snippets/pvetune
+  pvetune enable <vmid>         links the snippet, runs qm set <vmid> --hookscript ...
 
 Profiles: /etc/pve/pvetune/<vmid>.yaml (cluster-wide), else /etc/pvetune/profiles/<vmid>.yaml.
 A VM without a profile is left alone (exit 0).
@@ -56,13 +56,35 @@ enum Command {
         /// One phase only (default: pre-start and post-start)
         #[arg(long)]
         phase: Option<String>,
+        /// Machine-readable output (docs/json.md)
+        #[arg(long)]
+        json: bool,
     },
     /// Undo everything pvetune holds for the VM now
     Rollback { vmid: String },
     /// Show what pvetune holds, per VM and node-wide, and what changed behind its back
-    Status { vmid: Option<String> },
+    Status {
+        vmid: Option<String>,
+        /// Machine-readable output (docs/json.md)
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the VM's profile against this host and the VM config; changes nothing
-    Check { vmid: String },
+    Check {
+        vmid: String,
+        /// Machine-readable output (docs/json.md)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make pvetune the VM's hookscript (validates its profile, links the snippet, runs qm set)
+    Enable(crate::enable::EnableArgs),
+    /// Remove pvetune as the VM's hookscript (rolls back a stopped VM, restores a chained one)
+    Disable(crate::enable::DisableArgs),
+    /// What is wrong with a VM's setup (VM config, profile, host), each with what to do
+    Doctor(crate::doctor::DoctorArgs),
+    /// Writes the man pages and shell completions into a directory (the package build)
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
     /// The host's NUMA nodes, packages, L3 domains, cores and threads, and who holds each CPU
     Topology {
         /// JSON for scripts (docs/json.md)
@@ -133,27 +155,50 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
     let host = RealHost;
     let quiet = cli.quiet;
     let lines = match cli.command {
-        Some(Command::Plan { vmid, phase }) => {
+        Some(Command::Plan { vmid, phase, json }) => {
             let vmid = parse_vmid(&vmid)?;
             let phases = match phase {
                 Some(p) => vec![parse_phase(&p)?],
                 None => vec![Phase::PreStart, Phase::PostStart],
             };
-            crate::report::render_plan(&env, &host, vmid, &phases)?
+            if json {
+                crate::json::plan(&env, &host, vmid, &phases)?
+            } else {
+                crate::report::render_plan(&env, &host, vmid, &phases)?
+            }
         }
         Some(Command::Rollback { vmid }) => {
             vec![hook::rollback_command(&env, &host, parse_vmid(&vmid)?)?]
         }
-        Some(Command::Status { vmid }) => {
-            crate::report::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
+        Some(Command::Status { vmid, json }) => {
+            let only = vmid.as_deref().map(parse_vmid).transpose()?;
+            if json {
+                crate::json::status(&env, only)?
+            } else {
+                crate::report::status(&env, only)?
+            }
         }
-        Some(Command::Check { vmid }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
+        Some(Command::Check { vmid, json: true }) => {
+            crate::json::check(&env, parse_vmid(&vmid)?, &print)?
+        }
+        Some(Command::Check { vmid, .. }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
+        Some(Command::Enable(args)) => crate::enable::enable(&env, &args)?,
+        Some(Command::Disable(args)) => crate::enable::disable(&env, &host, &args)?,
+        Some(Command::Doctor(args)) => crate::doctor::command(&env, &args, &print)?,
+        Some(Command::GenerateAssets { dir }) => {
+            use clap::CommandFactory;
+            let files = crate::assets::generate(Cli::command(), &dir)
+                .map_err(|e| Error::Admin(format!("{}: {e}", dir.display())))?;
+            files.iter().map(|f| f.display().to_string()).collect()
+        }
         Some(Command::Topology { json }) => crate::topoview::command(&env.root, json)?,
         Some(Command::Suggest { vmid }) => crate::suggest::command(&env, parse_vmid(&vmid)?)?,
         Some(Command::Hook(args)) => match args.as_slice() {
             [vmid, phase] => {
-                let line = hook::run_hook(&env, &host, parse_vmid(vmid)?, parse_phase(phase)?)?;
-                if quiet { vec![] } else { vec![line] }
+                let (vmid, phase) = (parse_vmid(vmid)?, parse_phase(phase)?);
+                let print = |lines: &[String]| if quiet { Ok(()) } else { print(lines) };
+                let lines = crate::chain::hook(&env, &host, vmid, phase, &print)?;
+                if quiet { vec![] } else { lines }
             }
             _ => return Err(usage()),
         },

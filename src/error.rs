@@ -62,6 +62,21 @@ pub enum Error {
     /// `pvetune plan | head`, or a pager quit early, ends a command (see [`Error::is_quiet`]).
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
+    /// The hookscript chained after pvetune's (`pvetune enable --chain`) failed; its exit code
+    /// is passed on (in pre-start qemu-server then aborts the start).
+    #[error("{phase}: chained hookscript {volid} exited with code {code}")]
+    Chained {
+        volid: String,
+        phase: Phase,
+        code: i32,
+    },
+    /// `pvetune doctor` found something that would make a start fail (the findings are on
+    /// stdout already).
+    #[error("doctor: {count} finding(s) would make a start fail")]
+    Findings { count: usize },
+    /// `pvetune enable`/`disable`: `qm` failed or the setup does not allow it.
+    #[error("{0}")]
+    Admin(String),
 }
 
 fn place(path: &std::path::Path, e: &PlanError) -> String {
@@ -80,6 +95,9 @@ impl Error {
                 exit::INVALID
             }
             Error::Rollback { .. } => exit::ROLLBACK_INCOMPLETE,
+            Error::Chained { code, .. } => (*code).clamp(1, 255),
+            Error::Findings { .. } => exit::INVALID,
+            Error::Admin(_) => exit::FAILED,
             Error::Topology(_)
             | Error::Vm { .. }
             | Error::NotRunning { .. }

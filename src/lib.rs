@@ -6,10 +6,14 @@
 //! syscall). `exec` applies a plan with a write-ahead ledger (`state`) and undoes it.
 #![forbid(unsafe_code)]
 
+pub mod assets;
 pub mod attr;
 pub mod cgroup;
+pub mod chain;
 pub mod cli;
 pub mod cpuset;
+pub mod doctor;
+pub mod enable;
 pub mod error;
 pub mod excerpt;
 pub mod exec;
@@ -17,6 +21,7 @@ pub mod facts;
 pub mod hook;
 pub mod host;
 pub mod irqbalance;
+pub mod json;
 pub mod kthreads;
 pub mod pci;
 pub mod placement;

@@ -202,6 +202,12 @@ pub fn locate(root: &Root, vmid: u32, explicit: Option<&Path>) -> Option<PathBuf
         .find(|p| p.exists())
 }
 
+/// The owner and mode chain a profile must have, for another file pvetune acts on as root
+/// (the chain record of `pvetune enable --chain`); returns the file's real path.
+pub fn trusted(path: &Path) -> Result<PathBuf, ProfileError> {
+    check_owner(path)
+}
+
 /// Reads, checks ownership of, parses and validates a profile file.
 pub fn load(path: &Path) -> Result<Profile, ProfileError> {
     let real = check_owner(path)?;

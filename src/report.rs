@@ -2,107 +2,60 @@
 
 use crate::error::Error;
 use crate::exec::{managed_words, read_claimed, same_value};
-use crate::hook::{Env, load, plan_for, process_alive};
+use crate::hook::{Env, process_alive};
 use crate::host::{Host, RealHost};
 use crate::plan::{Action, Phase, Plan, Step, ThreadRef};
 use crate::state::{Claim, ComposeOp, State, Store};
 
+mod rows;
+pub use rows::{PhaseRows, PlanRows, Row, plan_rows};
+
 /// The dry run of `phases`, as `target: before -> after` lines under a heading per phase.
-/// The ledger, the profile, the host and the VM are read once for all of them. Reads only.
 pub fn render_plan<H: Host>(
     env: &Env,
     host: &H,
     vmid: u32,
     phases: &[Phase],
 ) -> Result<Vec<String>, Error> {
-    let state = Store::new(&env.root).load()?;
-    // Post-stop is the undo of the ledger: it needs neither profile nor VM.
-    let loaded = if phases.iter().any(|&p| p != Phase::PostStop) {
-        let Some(mut loaded) = load(env, vmid, true)? else {
-            return Ok(vec![format!(
-                "VM {vmid} has no profile: pvetune does nothing for it"
-            )]);
-        };
-        loaded.resolve(env, vmid, &state)?;
-        Some(loaded)
-    } else {
-        None
+    let Some(PlanRows { phases, .. }) = plan_rows(env, host, vmid, phases)? else {
+        return Ok(vec![format!(
+            "VM {vmid} has no profile: pvetune does nothing for it"
+        )]);
     };
-    let others = state.owned_by_others(vmid);
     let mut out = Vec::new();
-    for &phase in phases {
-        let plan = match &loaded {
-            Some(loaded) if phase != Phase::PostStop => plan_for(loaded, vmid, &others, phase)?,
-            _ => undo_plan(&state, vmid),
-        };
-        out.push(format!("{phase}:"));
-        render_steps(env, host, &plan, &mut out);
+    for p in phases {
+        out.push(format!("{}:", p.phase));
+        render_steps(&p, &mut out);
     }
     Ok(out)
 }
 
-/// One phase's plan: each step with the value its target holds now.
-fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>) {
-    for step in &plan.steps {
-        // A file of a cgroup that the plan creates first reads as empty.
-        let read = |path: &str| match host.read(&env.root.path(path)) {
-            Ok(text) => text.trim().to_string(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => format!("<unreadable: {e}>"),
-        };
-        let before = match &step.action {
-            Action::Write { path, .. }
-            | Action::Exclude { path, .. }
-            | Action::Include { path, .. }
-            | Action::Enable { path, .. }
-            | Action::Cycle { path } => read(path),
-            Action::Barrier => continue,
-            Action::Ban { socket, .. } => {
-                crate::exec::read_claimed(host, &env.root, socket, Some(ComposeOp::Ban), &[])
-                    .unwrap_or_else(|e| format!("<unreadable: {e}>"))
+fn render_steps(p: &PhaseRows, out: &mut Vec<String>) {
+    let shown = |text: &str| match text {
+        "" => "(empty)".to_string(),
+        text => text.to_string(),
+    };
+    for row in &p.rows {
+        out.push(match row {
+            Row::Check { path, value, now } => {
+                let now = now
+                    .as_ref()
+                    .map_or_else(|| "not there yet".to_string(), |n| format!("now {n}"));
+                format!("  check {path} reads '{value}' ({now})")
             }
-            Action::Expect { path, value } => {
-                let now = match read(path) {
-                    now if now.is_empty() => "not there yet".to_string(),
-                    now => format!("now {now}"),
-                };
-                out.push(format!("  check {path} reads '{value}' ({now})"));
-                continue;
+            Row::Change {
+                target,
+                before,
+                after,
+                unchanged,
+                ..
+            } => {
+                let mark = if *unchanged { " (unchanged)" } else { "" };
+                format!("  {target}: {} -> {}{mark}", shown(before), shown(after))
             }
-            Action::Mkdir { path, .. } => match read(&format!("{path}/cgroup.type")).as_str() {
-                "" => crate::state::DIR_ABSENT.to_string(),
-                kind => kind.to_string(),
-            },
-            Action::Pin { thread, .. } => match thread.tid {
-                Some(tid) => host
-                    .get_affinity(tid)
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|e| format!("<{e}>")),
-                None => "-".to_string(),
-            },
-            Action::Move { thread, .. } => match (thread.pid, thread.tid) {
-                (Some(pid), Some(tid)) => host
-                    .read(&env.root.path(crate::cgroup::thread_cgroup_path(pid, tid)))
-                    .ok()
-                    .and_then(|t| crate::cgroup::unified_path(&t))
-                    .unwrap_or_else(|| "-".to_string()),
-                _ => "-".to_string(),
-            },
-        };
-        let after = step.action.after(&before);
-        let same = same_value(&before, &after);
-        let mark = if same { " (unchanged)" } else { "" };
-        let shown = |text: &str| match text.trim() {
-            "" => "(empty)".to_string(),
-            text => text.to_string(),
-        };
-        out.push(format!(
-            "  {}: {} -> {}{mark}",
-            step.action,
-            shown(&before),
-            shown(&after)
-        ));
+        });
     }
+    let plan = &p.plan;
     for skip in &plan.skipped {
         out.push(format!("  skip {}: {}", skip.tunable, skip.reason));
     }
@@ -199,12 +152,30 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
 /// ` [changed outside pvetune: now X]` when the file no longer holds what the claim set (an
 /// admin's echo, irqbalance, systemd): rollback still restores the original, and says so.
 fn drift(env: &Env, path: &str, claim: &Claim) -> String {
-    let words = managed_words(claim);
-    match read_claimed(&RealHost, &env.root, path, claim.op(), &words) {
-        Ok(now) if same_value(&now, &claim.effective()) => String::new(),
-        Ok(now) => format!(" [changed outside pvetune: now {}]", now.trim()),
+    match claim_drift(env, path, claim) {
+        Ok(None) => String::new(),
+        Ok(Some(now)) => format!(" [changed outside pvetune: now {now}]"),
         Err(e) => format!(" [unreadable: {e}]"),
     }
+}
+
+/// What a claimed file holds now when that is not what pvetune set (`None`: it still holds).
+pub fn claim_drift(env: &Env, path: &str, claim: &Claim) -> Result<Option<String>, String> {
+    let words = managed_words(claim);
+    match read_claimed(&RealHost, &env.root, path, claim.op(), &words) {
+        Ok(now) if same_value(&now, &claim.effective()) => Ok(None),
+        Ok(now) => Ok(Some(now.trim().to_string())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A pinned thread's affinity now when it is not what pvetune set; only for threads of the
+/// very QEMU that was pinned (`alive`): a gone VM's tids may be reused.
+pub fn pin_drift(alive: bool, pin: &crate::state::PinRecord) -> Option<crate::cpuset::CpuSet> {
+    alive
+        .then(|| RealHost.get_affinity(pin.tid).ok())
+        .flatten()
+        .filter(|now| *now != pin.new)
 }
 
 /// The isolation of one VM at a glance: its partition as the kernel reports it now, and its
@@ -306,18 +277,17 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
             None => "starting".to_string(),
         };
         out.push(format!("VM {vmid}: {proc_state}"));
+        let (mut held, mut drifted) = (0, 0);
         if let Some(rec) = rec {
             out.push(format!("  cpus {} (last phase {})", rec.cpus, rec.phase));
             out.extend(isolation_summary(env, &state, vmid, rec));
             let alive = process_alive(env, Some(rec));
             for pin in &rec.pins {
-                // Only threads of the very QEMU that was pinned: a gone VM's tids may be reused.
-                let now = alive
-                    .then(|| RealHost.get_affinity(pin.tid).ok())
-                    .flatten()
-                    .filter(|now| *now != pin.new)
+                let now = pin_drift(alive, pin)
                     .map(|now| format!(" [changed outside pvetune: now {now}]"))
                     .unwrap_or_default();
+                held += 1;
+                drifted += usize::from(!now.is_empty());
                 out.push(format!(
                     "  thread {} ({}): {} (was {}){now}",
                     pin.tid, pin.label, pin.new, pin.old
@@ -362,9 +332,18 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         claim.original.trim()
                     ),
                 };
-                out.push(line + &drift(env, path, claim));
+                let drift = drift(env, path, claim);
+                held += 1;
+                drifted += usize::from(!drift.is_empty());
+                out.push(line + &drift);
             }
         }
+        out.push(match drifted {
+            0 => format!("  holds {held}: every one as pvetune set it"),
+            n => format!(
+                "  holds {held}: {n} changed outside pvetune (rollback still restores the originals)"
+            ),
+        });
     }
     if only.is_none() {
         out.push("node-wide claims:".into());

@@ -228,7 +228,18 @@ pub fn command(root: &Root, json: bool) -> Result<Vec<String>, Error> {
     use std::io::IsTerminal;
     let view = read(root)?;
     if json {
-        let text = serde_json::to_string_pretty(&view).map_err(|e| Error::Output(e.into()))?;
+        // Versioned as every --json document is (docs/json.md).
+        #[derive(Serialize)]
+        struct Versioned<'a> {
+            version: u32,
+            #[serde(flatten)]
+            view: &'a View,
+        }
+        let doc = Versioned {
+            version: 1,
+            view: &view,
+        };
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::Output(e.into()))?;
         return Ok(vec![text]);
     }
     let colour = use_colour(
