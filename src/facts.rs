@@ -66,7 +66,7 @@ impl Irqs {
 }
 
 /// The first process whose `comm` is `name` (one listing of /proc, one small read per process).
-fn find_process(root: &Root, name: &str) -> Option<u32> {
+pub(crate) fn find_process(root: &Root, name: &str) -> Option<u32> {
     numbered_entries(&root.path(paths::PROC)).find(|pid| {
         crate::attr::read(&root.path(format!("{}/{pid}/comm", paths::PROC)))
             .is_ok_and(|comm| comm.trim_end() == name)

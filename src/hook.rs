@@ -31,6 +31,8 @@ pub struct Loaded {
     pub facts: HostFacts,
     pub config: VmConfig,
     pub running: Option<RunningVm>,
+    pub memory: crate::memory::MemoryFacts,
+    pub devices: crate::devices::Devices,
 }
 
 impl Loaded {
@@ -47,6 +49,8 @@ impl Loaded {
             config: &self.config,
             running: self.running.as_ref(),
             others,
+            memory: &self.memory,
+            devices: &self.devices,
         }
     }
 }
@@ -78,12 +82,26 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
     } else {
         None
     };
+    let mut memory = crate::memory::MemoryFacts::read(
+        &env.root,
+        profile.hugepages.is_some(),
+        profile.ksm.is_some(),
+    );
+    memory.vm_running = running.is_some()
+        || (profile.hugepages.is_some()
+            && vm::read_pid(env.root.base(), vmid).is_ok_and(|p| p.is_some()));
+    let devices = match &profile.pci_reset {
+        Some(reset) => crate::devices::Devices::read(&env.root, &config, reset.devices.as_deref()),
+        None => crate::devices::Devices::default(),
+    };
     Ok(Some(Loaded {
         profile,
         topology,
         facts,
         config,
         running,
+        memory,
+        devices,
     }))
 }
 
@@ -422,12 +440,17 @@ pub fn check(env: &Env, vmid: u32) -> Result<String, Error> {
         ));
     };
     let others = state.owned_by_others(vmid);
-    plan::validate(&loaded.inputs(vmid, &others)).map_err(|source| Error::Plan {
+    let inputs = loaded.inputs(vmid, &others);
+    plan::validate(&inputs).map_err(|source| Error::Plan {
         path: loaded.profile.path.clone(),
         source,
     })?;
-    Ok(format!(
+    let mut out = format!(
         "VM {vmid}: {} is valid on this host",
         loaded.profile.path.display()
-    ))
+    );
+    for line in crate::tunables::ksm::advice(&inputs) {
+        out.push_str(&format!("\n{line}"));
+    }
+    Ok(out)
 }

@@ -55,6 +55,17 @@ fn render_steps<H: Host>(env: &Env, host: &H, plan: &Plan, out: &mut Vec<String>
             | Action::Include { path, .. }
             | Action::Enable { path, .. }
             | Action::Cycle { path } => read(path),
+            Action::Reserve { node, size_kb, .. } => {
+                read(&crate::memory::pool_file(*node, *size_kb, "nr_hugepages"))
+            }
+            // Write-only: there is no value before.
+            Action::Trigger { .. } => "(trigger)".to_string(),
+            Action::Sync => "dirty pages".to_string(),
+            Action::RemoveRescan { functions, .. } => functions
+                .iter()
+                .map(|(id, driver)| format!("{id} present ({})", crate::pci::driver_name(driver)))
+                .collect::<Vec<_>>()
+                .join(", "),
             Action::Barrier => continue,
             Action::Ban { socket, .. } => {
                 crate::exec::read_claimed(host, &env.root, socket, Some(ComposeOp::Ban), &[])
@@ -137,6 +148,13 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
                         } else {
                             " without this VM's CPUs"
                         }
+                    ));
+                    None
+                }
+                Some(ComposeOp::Rescan) => {
+                    plan.notes.push(format!(
+                        "{path}: PCI {} rescanned (a removal that did not finish)",
+                        claim.holder(vmid).map_or("", |h| h.value.as_str())
                     ));
                     None
                 }
@@ -355,6 +373,16 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         claim.original,
                         h.value
                     ),
+                    Some(ComposeOp::Add) => format!(
+                        "  {path}: {} (original {}; {} pages reserved for this VM)",
+                        claim.effective(),
+                        claim.original.trim(),
+                        h.value
+                    ),
+                    Some(ComposeOp::Rescan) => format!(
+                        "  {path}: PCI {} removed, not rescanned yet (rollback rescans)",
+                        h.value
+                    ),
                     None => format!(
                         "  {path}: {} (original {})",
                         h.value.trim(),
@@ -377,7 +405,8 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                     }
                     Some(ComposeOp::Include) => format!("VM {} adds {}", h.vmid, h.value.trim()),
                     Some(ComposeOp::Ban) => format!("VM {} bans {}", h.vmid, h.value),
-                    Some(ComposeOp::Words | ComposeOp::Dir) | None => {
+                    Some(ComposeOp::Add) => format!("VM {} reserves {}", h.vmid, h.value),
+                    Some(ComposeOp::Words | ComposeOp::Dir | ComposeOp::Rescan) | None => {
                         format!("VM {}={}", h.vmid, h.value.trim())
                     }
                 })

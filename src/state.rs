@@ -89,6 +89,7 @@ pub const LEDGER_PATH_PREFIXES: &[&str] = &[
     "/sys/fs/cgroup/",           // cpuset partitions
     "/sys/kernel/mm/hugepages/", // hugepage pools
     "/sys/bus/pci/",             // PCI reset, driver binding
+    "/sys/kernel/mm/ksm/",       // KSM paused while a VM runs
     // irqbalance's control socket (`/run/irqbalance/irqbalance<pid>.sock`): not a file that
     // is written but the key of the `Ban` claim; rollback talks to it (`exec/irqbalance.rs`).
     "/run/irqbalance/",
@@ -227,6 +228,15 @@ pub enum ComposeOp {
     /// (irqbalance's `BANNED` lags a scan behind and already holds VM CPUs). The last release
     /// sends `original` (`NULL`: irqbalance detects again).
     Ban,
+    /// A hugepage pool's `nr_hugepages`: the original count plus every holder's pages (each
+    /// VM's reservation). A release never raises the pool (qemu-server may have shrunk it
+    /// after the start, `keephugepages: 0`): it writes the smaller of what the file holds and
+    /// what the others still need.
+    Add,
+    /// `/sys/bus/pci/rescan`, held while a VM's devices are removed and not yet rescanned:
+    /// a holder's value lists the functions. Its release rescans (a crash in between is
+    /// mended by the next rollback); a successful reset releases it at once.
+    Rescan,
 }
 
 impl Compose {
@@ -358,6 +368,16 @@ impl Claim {
             }
             ComposeOp::Dir => Cow::Borrowed(&last.value),
             ComposeOp::Ban => Cow::Owned(compose.base.union(&taken()).to_string()),
+            ComposeOp::Add => {
+                let pages: u64 = self
+                    .holders
+                    .iter()
+                    .filter_map(|h| h.value.trim().parse::<u64>().ok())
+                    .sum();
+                let base = self.original.trim().parse::<u64>().unwrap_or(0);
+                Cow::Owned((base + pages).to_string())
+            }
+            ComposeOp::Rescan => Cow::Borrowed(&last.value),
         }
     }
 

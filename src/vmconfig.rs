@@ -83,6 +83,8 @@ pub struct VmConfig {
     pub numa_nodes: BTreeMap<u8, NumaSpec>,
     pub hugepages: Option<HugepageSize>,
     pub keephugepages: bool,
+    /// `allow-ksm:` (qemu-server 8.1 and later; `0` starts QEMU with `mem-merge=off`).
+    pub allow_ksm: Option<bool>,
     pub affinity: Option<CpuSet>,
     pub hostpci: BTreeMap<u8, HostPci>,
     pub lock: Option<String>,
@@ -107,6 +109,7 @@ impl Default for VmConfig {
             numa_nodes: BTreeMap::new(),
             hugepages: None,
             keephugepages: false,
+            allow_ksm: None,
             affinity: None,
             hostpci: BTreeMap::new(),
             lock: None,
@@ -264,6 +267,7 @@ impl VmConfig {
                 })
             }
             "keephugepages" => self.keephugepages = boolean(value)?,
+            "allow-ksm" => self.allow_ksm = Some(boolean(value)?),
             "affinity" => self.affinity = Some(pve_cpuset(value)?),
             "lock" => self.lock = Some(value.to_string()),
             "cpu" => self.cpu = Some(value.to_string()),

@@ -62,6 +62,7 @@ hostpci1: host=0c:00;0d:00.1,pcie=yes
 hostpci2: mapping=gpu1,mdev=nvidia-35
 hugepages: 1024
 keephugepages: true
+allow-ksm: 0
 lock: backup
 memory: current=8192
 name: rt-vm
@@ -104,6 +105,7 @@ future-key: whatever=1
         ]),
         hugepages: Some(HugepageSize::Gib1),
         keephugepages: true,
+        allow_ksm: Some(false),
         affinity: Some("2-5,10-13".parse().unwrap()),
         hostpci: BTreeMap::from([
             (

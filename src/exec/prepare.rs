@@ -175,6 +175,60 @@ impl<H: Host> Executor<'_, H> {
                     intents.push(Intent::Cycle { path: path.clone() });
                 }
                 Action::Barrier => {}
+                Action::Trigger { path, value } => intents.push(Intent::Trigger {
+                    path: Some(path.clone()),
+                    value: value.clone(),
+                }),
+                Action::Sync => intents.push(Intent::Trigger {
+                    path: None,
+                    value: String::new(),
+                }),
+                Action::Reserve {
+                    node,
+                    size_kb,
+                    pages,
+                } => {
+                    let path = crate::memory::pool_file(*node, *size_kb, "nr_hugepages");
+                    let planned = (&claims, &seq);
+                    let compose = Some(Compose::of(ComposeOp::Add));
+                    let value = pages.to_string();
+                    if let Some((claim, intent)) =
+                        self.claim_intent(&path, value, compose, false, planned, applied)?
+                    {
+                        changes.push(Change::Claim {
+                            path: path.clone(),
+                            claim: Some(claim.clone()),
+                        });
+                        // Keyed by the path in the batch's map, which borrows from `steps`:
+                        // a reservation is one step per node and size, so no later step of
+                        // the batch looks it up.
+                        intents.push(intent);
+                    }
+                }
+                Action::RemoveRescan {
+                    functions,
+                    timeout_ms,
+                } => {
+                    let previous = self.state.claims.get(super::PCI_RESCAN).cloned();
+                    let mut claim = previous.clone().unwrap_or_else(|| Claim {
+                        original: String::new(),
+                        holders: Vec::new(),
+                        compose: Some(Compose::of(ComposeOp::Rescan)),
+                        extra: Default::default(),
+                    });
+                    let names: Vec<String> =
+                        functions.iter().map(|(id, _)| id.to_string()).collect();
+                    self.hold(&mut claim, names.join(" "), &seq);
+                    changes.push(Change::Claim {
+                        path: super::PCI_RESCAN.to_string(),
+                        claim: Some(claim),
+                    });
+                    intents.push(Intent::RemoveRescan {
+                        functions: functions.clone(),
+                        timeout: std::time::Duration::from_millis(*timeout_ms),
+                        previous,
+                    });
+                }
                 Action::Pin { thread, cpus } => {
                     let Some(tid) = thread.tid else {
                         return Err(ExecError::NotRunning {

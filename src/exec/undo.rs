@@ -73,7 +73,23 @@ impl<H: Host> Executor<'_, H> {
                     }
                     continue;
                 }
-                Intent::Move { .. } | Intent::Expect { .. } => continue,
+                Intent::Move { .. } | Intent::Expect { .. } | Intent::Trigger { .. } => continue,
+                Intent::RemoveRescan { previous, .. } if i > failed => Ok(Change::Claim {
+                    path: super::PCI_RESCAN.to_string(),
+                    claim: previous.clone(),
+                }),
+                Intent::RemoveRescan {
+                    functions,
+                    previous,
+                    ..
+                } => {
+                    // What was removed comes back; a reset cannot be taken back.
+                    let ids: Vec<_> = functions.iter().map(|(id, _)| *id).collect();
+                    self.rescan_missing(&ids).map(|()| Change::Claim {
+                        path: super::PCI_RESCAN.to_string(),
+                        claim: previous.clone(),
+                    })
+                }
                 Intent::Pin {
                     tid,
                     current: before,
@@ -105,6 +121,16 @@ impl<H: Host> Executor<'_, H> {
         let mut changes = Vec::new();
         // Last taken, first released: a cgroup's files before the cgroup, a child before its
         // parent (ties, from ledgers without an order: reverse path order, as before).
+        let _hugepages = self
+            .state
+            .claims
+            .values()
+            .any(|c| c.op() == Some(ComposeOp::Add) && c.holder(self.vmid).is_some())
+            .then(|| super::memory::hugepage_lock(self.root));
+        let _hugepages = match _hugepages.transpose() {
+            Ok(lock) => lock,
+            Err(e) => return vec![e],
+        };
         let mut paths: Vec<(u64, &String)> = self
             .state
             .claims
@@ -162,6 +188,17 @@ impl<H: Host> Executor<'_, H> {
         if claim.op() == Some(ComposeOp::Ban) {
             return Ok(self.release_ban(path, claim));
         }
+        let mut rest = claim.clone();
+        rest.holders.retain(|h| h.vmid != self.vmid);
+        if claim.op() == Some(ComposeOp::Rescan) {
+            // A removal a crash interrupted: bring back whatever is missing.
+            let held = claim.holder(self.vmid).map(|h| h.value.as_str());
+            self.rescan_missing(&super::memory::listed_functions(held.unwrap_or("")))?;
+            return Ok(Some(Change::Claim {
+                path: path.to_string(),
+                claim: (!rest.holders.is_empty()).then_some(rest),
+            }));
+        }
         let current = match self.read_as(path, claim.op(), &managed_words(claim)) {
             Ok(current) => current,
             // A file that is gone went with its cgroup (systemd removes a VM's scope when
@@ -177,8 +214,6 @@ impl<H: Host> Executor<'_, H> {
             }
             Err(e) => return Err(e),
         };
-        let mut rest = claim.clone();
-        rest.holders.retain(|h| h.vmid != self.vmid);
         // A file that already holds what it is to hold is a release done again after a crash.
         if claim.holders.last().is_some_and(|h| h.vmid == self.vmid)
             && !same_value(&current, &claim.effective())
@@ -190,7 +225,17 @@ impl<H: Host> Executor<'_, H> {
                 claim.effective().trim()
             );
         }
-        self.put(path, &current, &rest.effective(), claim.op())?;
+        let mut target = rest.effective().into_owned();
+        if claim.op() == Some(ComposeOp::Add)
+            && let (Ok(now), Ok(want)) =
+                (current.trim().parse::<u64>(), target.trim().parse::<u64>())
+            && now < want
+        {
+            // qemu-server shrank the pool after the start (`keephugepages: 0`), or the VM's
+            // pages went back with it: a release never allocates.
+            target = current.clone();
+        }
+        self.put(path, &current, &target, claim.op())?;
         Ok(Some(Change::Claim {
             path: path.to_string(),
             claim: (!rest.holders.is_empty()).then_some(rest),
