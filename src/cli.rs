@@ -63,6 +63,9 @@ enum Command {
     Status { vmid: Option<String> },
     /// Validate the VM's profile against this host and the VM config; changes nothing
     Check { vmid: String },
+    /// Reserve, per NUMA node, the hugepages of every VM whose profile has `hugepages: { boot:
+    /// true }`, kept for them (run at boot, before Proxmox starts guests)
+    Reserve,
     /// `<vmid> <phase>`: the hookscript call (see below)
     #[command(external_subcommand)]
     Hook(Vec<String>),
@@ -140,6 +143,7 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
             crate::report::status(&env, vmid.as_deref().map(parse_vmid).transpose()?)?
         }
         Some(Command::Check { vmid }) => vec![hook::check(&env, parse_vmid(&vmid)?)?],
+        Some(Command::Reserve) => crate::reserve::reserve(&env, &host)?,
         Some(Command::Hook(args)) => match args.as_slice() {
             [vmid, phase] => {
                 let line = hook::run_hook(&env, &host, parse_vmid(vmid)?, parse_phase(phase)?)?;

@@ -150,6 +150,9 @@ pub struct Executor<'a, H: Host> {
     pub store: &'a Store,
     pub state: State,
     pub vmid: u32,
+    /// Whether a rollback also releases boot-time reservations (`state::KEPT`): only an
+    /// explicit `pvetune rollback <vmid>` does.
+    pub release_kept: bool,
 }
 
 impl<'a, H: Host> Executor<'a, H> {
@@ -160,6 +163,7 @@ impl<'a, H: Host> Executor<'a, H> {
             store,
             state,
             vmid,
+            release_kept: false,
         }
     }
 

@@ -392,6 +392,18 @@ pub fn rollback_vm<H: Host>(
     state: &mut State,
     vmid: u32,
 ) -> Result<Applied, Error> {
+    rollback_vm_with(env, host, store, state, vmid, false)
+}
+
+/// [`rollback_vm`]; `release_kept`: boot-time reservations too (`pvetune rollback`).
+fn rollback_vm_with<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    state: &mut State,
+    vmid: u32,
+    release_kept: bool,
+) -> Result<Applied, Error> {
     let alive = process_alive(env, state.vms.get(&vmid));
     let pins = state.vms.get(&vmid).map_or(0, |r| r.pins.len());
     let claims = state
@@ -400,6 +412,7 @@ pub fn rollback_vm<H: Host>(
         .filter(|c| c.holders.iter().any(|h| h.vmid == vmid))
         .count();
     let mut exec = Executor::new(&env.root, host, store, std::mem::take(state), vmid);
+    exec.release_kept = release_kept;
     let errors = exec.rollback(alive);
     *state = exec.state;
     if !errors.is_empty() {
@@ -420,10 +433,14 @@ pub fn rollback_command<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<Strin
     let store = Store::new(&env.root);
     let _lock = store.lock()?;
     let mut state = store.load()?;
-    if !state.held_vms().contains(&vmid) {
+    let kept = state
+        .claims
+        .values()
+        .any(|c| c.holder(vmid).is_some_and(|h| h.kept()));
+    if !kept && !state.held_vms().contains(&vmid) {
         return Ok(format!("pvetune: VM {vmid}: nothing held"));
     }
-    let applied = rollback_vm(env, host, &store, &mut state, vmid);
+    let applied = rollback_vm_with(env, host, &store, &mut state, vmid, true);
     if let Err(e) = store.compact(&mut state) {
         log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
     }

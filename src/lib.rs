@@ -26,6 +26,7 @@ pub mod procstat;
 pub mod profile;
 pub mod qmp;
 pub mod report;
+pub mod reserve;
 pub mod root;
 pub mod state;
 pub mod topology;

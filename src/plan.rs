@@ -131,7 +131,13 @@ pub enum Action {
     /// `nr_hugepages`): a claim composed as the original count plus every holder's pages
     /// (`state::ComposeOp::Add`), made under qemu-server's `/var/lock/hugepages.lck`, and read
     /// back: fewer pages than asked fail the batch, which puts the pool back as it was.
-    Reserve { node: u32, size_kb: u64, pages: u64 },
+    /// `keep`: a boot-time reservation (`pvetune reserve`), kept across the VM's stops.
+    Reserve {
+        node: u32,
+        size_kb: u64,
+        pages: u64,
+        keep: bool,
+    },
     /// Remove every function of `functions` (the sysfs name of each, with the driver it is
     /// bound to, None for none), wait until all are gone, rescan the bus, wait until each is
     /// back with the driver it had; each wait bounded by `timeout_ms`. Recorded beforehand as
@@ -315,6 +321,7 @@ impl fmt::Display for Action {
                 node,
                 size_kb,
                 pages,
+                ..
             } => write!(
                 f,
                 "{} (+{pages} for this VM)",

@@ -585,6 +585,72 @@ mod tests {
     }
 
     #[test]
+    fn memory_and_device_keys() {
+        let prof = p(
+            "cpus: 4\nhugepages:\n  sync: true\n  drop-caches: 3\n  compact: global\n  \
+                      preflight: warn\n  reserve: true\n  boot: true\nksm: {pause: true}\n\
+                      pci-reset:\n  method: reset\n  devices: [0000:0b:00.0, 0000:0b:00.1]\n  \
+                      allow-host-driver: true\n  timeout: 5\n",
+        )
+        .unwrap();
+        let hp = prof.hugepages.unwrap();
+        assert_eq!(
+            (
+                hp.sync,
+                hp.drop_caches,
+                hp.compact,
+                hp.preflight,
+                hp.reserve,
+                hp.boot
+            ),
+            (true, Some(3), Compact::Global, Preflight::Warn, true, true)
+        );
+        assert!(prof.ksm.unwrap().pause);
+        let reset = prof.pci_reset.unwrap();
+        assert_eq!(reset.method, ResetMethod::Reset);
+        assert_eq!(reset.devices.unwrap().len(), 2);
+        assert!(reset.allow_host_driver);
+        assert_eq!(reset.timeout_ms, 5000);
+        let defaults = p("cpus: 4\nhugepages: {}\npci-reset: {}\n").unwrap();
+        let hp = defaults.hugepages.unwrap();
+        assert_eq!(
+            (hp.compact, hp.preflight, hp.reserve),
+            (Compact::Nodes, Preflight::Fail, false)
+        );
+        assert_eq!(
+            defaults.pci_reset.unwrap().method,
+            ResetMethod::RemoveRescan
+        );
+        for (text, want) in [
+            (
+                "hugepages:\n  drop-caches: 4\n",
+                "100.yaml:3:16: hugepages.drop-caches: 4 is not",
+            ),
+            (
+                "hugepages:\n  compact: all\n",
+                "100.yaml:3:12: hugepages.compact: 'all' is not one of nodes, global, none",
+            ),
+            (
+                "pci-reset:\n  method: flr\n",
+                "100.yaml:3:11: pci-reset.method: 'flr' is not one of",
+            ),
+            (
+                "pci-reset:\n  devices: [0b:00.0]\n",
+                "100.yaml:3:13: pci-reset.devices: invalid PCI address '0b:00.0'",
+            ),
+            (
+                "pci-reset:\n  devices: [0000:0b:00.0, 0000:0b:00.0]\n",
+                "is listed twice",
+            ),
+            ("pci-reset:\n  timeout: 0\n", "pci-reset.timeout: 0 s"),
+            ("hugepages:\n  reserv: true\n", "unknown field `reserv`"),
+        ] {
+            let err = p(&format!("cpus: 4\n{text}")).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
     fn sysctl_names() {
         assert!(valid_sysctl_name("vm.stat_interval"));
         assert!(valid_sysctl_name("net.ipv4.conf.all.rp_filter"));

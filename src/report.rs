@@ -131,7 +131,7 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
     let mut held: Vec<(u64, &String, &Claim)> = state
         .claims
         .iter()
-        .filter_map(|(p, c)| c.holder(vmid).map(|h| (h.seq, p, c)))
+        .filter_map(|(p, c)| c.holder(vmid).filter(|h| !h.kept()).map(|h| (h.seq, p, c)))
         .collect();
     held.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
     for (_, path, claim) in held {
@@ -374,10 +374,11 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         h.value
                     ),
                     Some(ComposeOp::Add) => format!(
-                        "  {path}: {} (original {}; {} pages reserved for this VM)",
+                        "  {path}: {} (original {}; {} pages reserved for this VM{})",
                         claim.effective(),
                         claim.original.trim(),
-                        h.value
+                        h.value,
+                        if h.kept() { " at boot, kept" } else { "" }
                     ),
                     Some(ComposeOp::Rescan) => format!(
                         "  {path}: PCI {} removed, not rescanned yet (rollback rescans)",

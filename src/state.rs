@@ -259,6 +259,17 @@ impl ComposeOp {
     }
 }
 
+/// A holder's field for a boot-time reservation (`pvetune reserve`): kept across the VM's
+/// stops and reconciles, released only by `pvetune rollback <vmid>` or a later `reserve`.
+pub const KEPT: &str = "boot";
+
+impl Holder {
+    /// A boot-time reservation, which the VM's post-stop and reconcile leave alone.
+    pub fn kept(&self) -> bool {
+        self.extra.get(KEPT) == Some(&serde_json::Value::Bool(true))
+    }
+}
+
 /// What a `Dir` claim's directory reads when it does not exist.
 pub const DIR_ABSENT: &str = "absent";
 
@@ -417,7 +428,7 @@ impl State {
     pub fn held_vms(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.vms.keys().copied().collect();
         for claim in self.claims.values() {
-            ids.extend(claim.holders.iter().map(|h| h.vmid));
+            ids.extend(claim.holders.iter().filter(|h| !h.kept()).map(|h| h.vmid));
         }
         ids.sort_unstable();
         ids.dedup();

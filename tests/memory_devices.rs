@@ -499,3 +499,85 @@ fn ksmtuned_is_warned_about() {
         stdout(&out)
     );
 }
+
+#[test]
+fn reserve_at_boot_keeps_the_pages_for_the_vm_across_its_stops() {
+    let host = host_copy("xeon-2s");
+    let before = tree(&host.path);
+    let profile = "cpus: 2-7\nhugepages:\n  boot: true\n";
+    write(&host.path, "/etc/pve/pvetune/201.yaml", profile);
+    second_vm(&host.path);
+    let out = pvetune(&host.path, &["reserve"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("VM 201: node 0: 16 x 1 GiB reserved at boot (pool now 16)"),
+        "{}",
+        stdout(&out)
+    );
+    // 202's profile does not ask: nothing for it.
+    assert!(!stdout(&out).contains("VM 202"), "{}", stdout(&out));
+    assert_eq!(pool(&host.path), "16");
+    let again = pvetune(&host.path, &["reserve"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(pool(&host.path), "16", "a second run adds nothing");
+    let kernel = Kernel::new(&host.path);
+    hook(&host.path, &kernel, 201, Phase::PreStart).unwrap();
+    assert_eq!(pool(&host.path), "16", "the start finds its pages reserved");
+    hook(&host.path, &kernel, 201, Phase::PostStop).unwrap();
+    assert_eq!(pool(&host.path), "16", "kept after the stop");
+    // Another VM's hook reconciles: the boot reservation is not a leftover.
+    let b = starting(&host.path, 202);
+    hook(&host.path, &kernel, 202, Phase::PreStart).unwrap();
+    assert_eq!(pool(&host.path), "24");
+    drop(b);
+    hook(&host.path, &kernel, 202, Phase::PostStop).unwrap();
+    assert_eq!(pool(&host.path), "16");
+    let status = pvetune::report::status(&env(&host.path), None).unwrap();
+    assert!(
+        status.join("\n").contains("(VM 201 reserves 16)"),
+        "{status:?}"
+    );
+    let out = pvetune(&host.path, &["rollback", "201"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(pool(&host.path), "0");
+    let mut before = before;
+    for (k, v) in tree(&host.path) {
+        if k.contains("202.") || k == "etc/pve/pvetune/201.yaml" {
+            before.insert(k, v);
+        }
+    }
+    assert_same(&tree(&host.path), &before, "after rollback");
+}
+
+#[test]
+fn reserve_warns_without_keephugepages_and_reports_a_vm_it_cannot_reserve() {
+    let host = host_copy("xeon-2s");
+    let conf = read(&host.path, "/etc/pve/qemu-server/201.conf").replace("keephugepages: 1\n", "");
+    write(&host.path, "/etc/pve/qemu-server/201.conf", &conf);
+    write(
+        &host.path,
+        "/etc/pve/pvetune/201.yaml",
+        "cpus: 2-7\nhugepages:\n  boot: true\n",
+    );
+    let out = pvetune(&host.path, &["reserve"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("warning: VM 201: no 'keephugepages: 1'"),
+        "{}",
+        stdout(&out)
+    );
+    pvetune(&host.path, &["rollback", "201"]);
+    write(
+        &host.path,
+        "/etc/pve/pvetune/200.yaml",
+        "cpus: 8\nbogus: 1\n",
+    );
+    let out = pvetune(&host.path, &["reserve"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("1 VM(s) not reserved"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(pool(&host.path), "16", "VM 201 reserved all the same");
+}

@@ -187,14 +187,20 @@ impl<H: Host> Executor<'_, H> {
                     node,
                     size_kb,
                     pages,
+                    keep,
                 } => {
                     let path = crate::memory::pool_file(*node, *size_kb, "nr_hugepages");
                     let planned = (&claims, &seq);
                     let compose = Some(Compose::of(ComposeOp::Add));
                     let value = pages.to_string();
-                    if let Some((claim, intent)) =
+                    if let Some((mut claim, intent)) =
                         self.claim_intent(&path, value, compose, false, planned, applied)?
                     {
+                        if *keep
+                            && let Some(h) = claim.holders.iter_mut().find(|h| h.vmid == self.vmid)
+                        {
+                            h.extra.insert(crate::state::KEPT.into(), true.into());
+                        }
                         changes.push(Change::Claim {
                             path: path.clone(),
                             claim: Some(claim.clone()),

@@ -135,7 +135,9 @@ impl<H: Host> Executor<'_, H> {
             .state
             .claims
             .iter()
-            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h.seq, p)))
+            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h, p)))
+            .filter(|(h, _)| self.release_kept || !h.kept())
+            .map(|(h, p)| (h.seq, p))
             .collect();
         paths.sort_unstable();
         let paths: Vec<String> = paths.into_iter().map(|(_, p)| p.clone()).collect();

@@ -20,6 +20,9 @@ pub struct Hugepages {
     /// `reserve: true`: raise each node's pool by the VM's pages before qemu-server allocates,
     /// read back what the kernel gave, and fail cleanly on a shortfall.
     pub reserve: bool,
+    /// `boot: true`: `pvetune reserve` (run at boot) reserves the VM's pages and keeps them
+    /// for it across its stops.
+    pub boot: bool,
 }
 
 /// `hugepages.compact`.
@@ -80,6 +83,7 @@ pub(super) struct RawHugepages {
     compact: Option<Spanned<String>>,
     preflight: Option<Spanned<String>>,
     reserve: Option<bool>,
+    boot: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +170,7 @@ pub(super) fn hugepages(raw: Spanned<RawHugepages>) -> Result<Hugepages, Bad> {
         compact,
         preflight,
         reserve: raw.reserve.unwrap_or(false),
+        boot: raw.boot.unwrap_or(false),
     })
 }
 

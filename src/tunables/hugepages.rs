@@ -179,6 +179,7 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) -> Result<(), PlanError> {
                 node: n.node,
                 size_kb: n.size_kb,
                 pages: n.pages,
+                keep: false,
             }));
         }
         if !inp.config.keephugepages {

@@ -107,6 +107,27 @@ cat /tmp/status.out
 if grep -q nr_hugepages /tmp/status.out; then fail "a reservation held after the shortfall"; else ok "no reservation held after the shortfall"; fi
 # The failed start's record (its CPUs) goes with the next hook's reconcile, or by hand:
 check_rc "rollback 602" 0 pvetune rollback 602
+# Boot-time reservation (pvetune reserve, as the systemd unit runs it): node 1 only, kept for
+# VM 603 across its start and stop, given back by rollback.
+vm_config 603 "numa: 1" "hugepages: 2" "keephugepages: 1" "numa0: cpus=0-1,hostnodes=1,memory=64"
+profile 603 'cpus: 4-5
+hugepages:
+  boot: true'
+pvetune reserve > /tmp/reserve.out 2>&1
+cat /tmp/reserve.out
+check_contains "reserve names VM 603's pages" /tmp/reserve.out "VM 603: node 1: 32 x 2 MiB reserved at boot"
+check_eq "node1 pool after reserve" $((base1 + 32)) "$(nr1)"
+check_eq "node0 pool untouched by reserve" "$base0" "$(nr0)"
+pvetune reserve > /dev/null 2>&1
+check_eq "reserve again adds nothing" $((base1 + 32)) "$(nr1)"
+check_rc "pre-start 603 on the boot reservation" 0 pvetune 603 pre-start
+vm_start 603 || die "QEMU 603 did not start"
+pvetune -q 603 post-start || fail "post-start 603"
+vm_stop 603 && pvetune 603 post-stop || fail "stop 603"
+check_eq "the boot reservation stays after 603 stopped" $((base1 + 32)) "$(nr1)"
+check_rc "rollback 603 gives it back" 0 pvetune rollback 603
+check_eq "node1 pool after rollback 603" "$base1" "$(nr1)"
+rm -f /etc/pvetune/profiles/603.yaml
 snapshot /tmp/hp-end
 check_same "memory: everything as before" /tmp/hp-before /tmp/hp-end
 
