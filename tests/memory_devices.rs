@@ -581,3 +581,32 @@ fn reserve_warns_without_keephugepages_and_reports_a_vm_it_cannot_reserve() {
     );
     assert_eq!(pool(&host.path), "16", "VM 201 reserved all the same");
 }
+
+#[test]
+fn a_failure_at_any_change_of_pre_start_leaves_the_host_as_it_was() {
+    // VM 201's whole pre-start: two removes, the rescan, drop_caches, compaction, the
+    // reservation, KSM. Each mutation in turn fails (EIO); the host ends as it was, every
+    // function back, and the ledger holds no claim.
+    let mut failed_somewhere = 0;
+    for k in 1.. {
+        let host = host_copy("xeon-2s");
+        let before = tree(&host.path);
+        let kernel = pvetune::host::FailAt::new(Kernel::new(&host.path), k);
+        let result = hook::run_hook(&env(&host.path), &kernel, 201, Phase::PreStart);
+        if result.is_ok() {
+            assert!(k > 5, "pre-start has more than {k} changes");
+            break;
+        }
+        failed_somewhere += 1;
+        let mut after = tree(&host.path);
+        after.retain(|k, _| k.starts_with("sys/") || k.starts_with("proc/"));
+        let mut want = before.clone();
+        want.retain(|k, _| k.starts_with("sys/") || k.starts_with("proc/"));
+        assert_same(&after, &want, &format!("failure at change {k}"));
+        let state = pvetune::state::Store::new(&Root::new(&host.path))
+            .load()
+            .unwrap();
+        assert!(state.claims.is_empty(), "change {k}: {:?}", state.claims);
+    }
+    assert!(failed_somewhere >= 6, "{failed_somewhere}");
+}
