@@ -83,7 +83,7 @@ pub struct VmConfig {
     pub numa_nodes: BTreeMap<u8, NumaSpec>,
     pub hugepages: Option<HugepageSize>,
     pub keephugepages: bool,
-    /// `allow-ksm:` (qemu-server 8.1 and later; `0` starts QEMU with `mem-merge=off`).
+    /// `allow-ksm:` (Proxmox VE 9.1 and later; `0` starts QEMU with `mem-merge=off`).
     pub allow_ksm: Option<bool>,
     pub affinity: Option<CpuSet>,
     pub hostpci: BTreeMap<u8, HostPci>,

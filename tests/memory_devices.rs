@@ -216,7 +216,27 @@ fn plan_shows_every_memory_and_device_step_as_before_and_after() {
     let check = pvetune(&host.path, &["check", "201"]);
     assert!(check.status.success(), "{}", stderr(&check));
     assert!(
-        stdout(&check).contains("consider 'allow-ksm: 0'"),
+        stdout(&check).contains("prefer 'allow-ksm: 0'"),
+        "{}",
+        stdout(&check)
+    );
+    // A qemu-server without the switch: pausing is the way.
+    let pm = "/usr/share/perl5/PVE/QemuServer.pm";
+    write(
+        &host.path,
+        pm,
+        "my $confdesc = {\n    affinity => {},\n};\n",
+    );
+    let check = pvetune(&host.path, &["check", "201"]);
+    assert!(
+        stdout(&check).contains("this qemu-server has no 'allow-ksm'"),
+        "{}",
+        stdout(&check)
+    );
+    write(&host.path, pm, "    'allow-ksm' => {\n");
+    let check = pvetune(&host.path, &["check", "201"]);
+    assert!(
+        stdout(&check).contains("prefer 'allow-ksm: 0'"),
         "{}",
         stdout(&check)
     );

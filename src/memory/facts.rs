@@ -19,6 +19,11 @@ const CPUINFO_READ: usize = 64 << 10;
 pub const KSM_RUN: &str = "/sys/kernel/mm/ksm/run";
 pub const COMPACT_MEMORY: &str = "/proc/sys/vm/compact_memory";
 pub const DROP_CACHES: &str = "/proc/sys/vm/drop_caches";
+/// qemu-server's config schema: whether it knows `allow-ksm` tells whether this release has
+/// the per-VM switch (added in November 2025, Proxmox VE 9.1).
+pub const QEMU_SERVER_PM: &str = "/usr/share/perl5/PVE/QemuServer.pm";
+/// The schema entry is in the first part of that file; more is never read.
+const QEMU_SERVER_READ: u64 = 4 << 20;
 
 /// One node's pool of one page size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,6 +57,8 @@ pub struct MemoryFacts {
     pub ksm_run: Option<String>,
     /// The pid of a running `ksmtuned`, which writes `ksm/run` by itself.
     pub ksmtuned: Option<u32>,
+    /// Whether this qemu-server knows `allow-ksm` (None: no qemu-server found).
+    pub allow_ksm_supported: Option<bool>,
     /// Whether the VM's QEMU runs now: its hugepages are then in use, and a preflight of
     /// free pages means nothing.
     pub vm_running: bool,
@@ -76,6 +83,7 @@ impl MemoryFacts {
                 .ok()
                 .map(|t| t.trim().to_string());
             facts.ksmtuned = crate::facts::find_process(root, "ksmtuned");
+            facts.allow_ksm_supported = knows_allow_ksm(root);
         }
         facts
     }
@@ -154,6 +162,17 @@ fn meminfo_kb(text: &str, key: &str) -> u64 {
             (words.next() == Some(key)).then(|| words.next()?.parse().ok())?
         })
         .unwrap_or(0)
+}
+
+fn knows_allow_ksm(root: &Root) -> Option<bool> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::fs::File::open(root.path(QEMU_SERVER_PM))
+        .ok()?
+        .take(QEMU_SERVER_READ)
+        .read_to_end(&mut text)
+        .ok()?;
+    Some(text.windows(11).any(|w| w == b"'allow-ksm'"))
 }
 
 fn cpu_flag(root: &Root, flag: &str) -> Option<bool> {

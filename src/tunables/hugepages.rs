@@ -79,13 +79,11 @@ fn needs(inp: &Inputs, hp: &Hugepages) -> Result<Vec<NodeNeed>, PlanError> {
 fn shortfall(facts: &MemoryFacts, hp: &Hugepages, n: &NodeNeed) -> Option<String> {
     let node = facts.nodes.get(&n.node)?;
     let pool = node.pools.get(&n.size_kb)?;
-    // With `reserve`, pvetune adds the VM's pages to the pool whatever is free; without it,
-    // qemu-server takes the free ones first.
-    let lacking = if hp.reserve {
-        n.pages
-    } else {
-        n.pages.saturating_sub(pool.free)
-    };
+    // What qemu-server would have to allocate. With `reserve`, pvetune adds the VM's pages
+    // even when others are free (they may be another VM's), and its read back is the verdict;
+    // the preflight only refuses what cannot work in any case (a VM whose pages `pvetune
+    // reserve` holds finds them free).
+    let lacking = n.pages.saturating_sub(pool.free);
     let droppable = if hp.drop_caches.is_some_and(|d| d & 1 == 1) {
         node.file_pages_kb
     } else {

@@ -5,9 +5,10 @@
 //! last one to stop writes back what the file held before the first. ksmd adds latency to a
 //! latency-sensitive guest and cannot merge hugepage-backed memory anyway.
 //!
-//! Proxmox's own switch is per VM: `allow-ksm: 0` (qemu-server 8.1 and later) starts QEMU with
+//! Proxmox's own switch is per VM: `allow-ksm: 0` (qemu-server since November 2025, Proxmox VE 9.1) starts QEMU with
 //! `mem-merge=off`, which keeps that VM's memory out of KSM and leaves KSM for the others:
-//! `check` and `plan` suggest it. `ksmtuned` (Proxmox's default KSM tuner) writes `run`
+//! `check` and `plan` suggest it where this qemu-server has it (its
+//! schema in `/usr/share/perl5/PVE/QemuServer.pm` names it). `ksmtuned` (Proxmox's default KSM tuner) writes `run`
 //! itself and would start KSM again: it is detected and warned about.
 
 use crate::memory::facts::KSM_RUN;
@@ -25,15 +26,21 @@ pub fn advice(inp: &Inputs) -> Vec<String> {
         return Vec::new();
     }
     let mut out = Vec::new();
-    match inp.config.allow_ksm {
-        Some(false) => out.push(
+    match (inp.config.allow_ksm, inp.memory.allow_ksm_supported) {
+        (Some(false), _) => out.push(
             "ksm: the VM config has 'allow-ksm: 0' already: its memory is never merged; \
              pausing KSM host-wide only keeps ksmd's scanning off the host"
                 .to_string(),
         ),
+        (_, Some(false)) => out.push(
+            "ksm: this qemu-server has no 'allow-ksm' (Proxmox VE 9.1 and later): pausing KSM \
+             host-wide is the way to keep it off this VM"
+                .to_string(),
+        ),
         _ => out.push(
-            "ksm: consider 'allow-ksm: 0' in the VM config (qemu-server 8.1 and later): it keeps \
-             this VM's memory out of KSM without stopping KSM for every other VM"
+            "ksm: prefer 'allow-ksm: 0' in the VM config (Proxmox VE 9.1 and later) to \
+             ksm.pause: it keeps this VM's memory out of KSM without stopping KSM for every \
+             other VM"
                 .to_string(),
         ),
     }
