@@ -269,7 +269,7 @@ fn error_message_is_actionable() {
 #[test]
 fn keys_pvetune_does_not_read_are_accepted() {
     let text = "net0: virtio=AA:BB,bridge=vmbr0\nnuma8: cpus=x\nhostpci16: junk\n\
-        allow-ksm: 0\nnot a key line\n  indented: 1\nmeta: creation-qemu=9.0.2\n";
+        tablet: 0\nnot a key line\n  indented: 1\nmeta: creation-qemu=9.0.2\n";
     assert_eq!(VmConfig::parse(text).unwrap(), VmConfig::default());
 }
 
