@@ -241,7 +241,6 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
     tunables::cycle::validate(inp)?;
     tunables::hugepages::validate(inp)?;
     tunables::pcireset::validate(inp)?;
-    tunables::ksm::validate(inp)?;
     Ok(())
 }
 

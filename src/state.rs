@@ -635,6 +635,8 @@ mod tests {
             "/sys/fs/cgroup/pvetune.slice/cpuset.cpus.partition",
             "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
             "/sys/bus/pci/devices/0000:01:00.0/reset",
+            "/sys/bus/pci/rescan",
+            "/sys/kernel/mm/ksm/run",
             "/run/irqbalance/irqbalance812.sock",
         ] {
             assert_eq!(path_refusal(good), None, "{good}");

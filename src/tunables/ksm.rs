@@ -12,13 +12,9 @@
 //! itself and would start KSM again: it is detected and warned about.
 
 use crate::memory::facts::KSM_RUN;
-use crate::plan::{Action, Inputs, Plan, PlanError, Skip, Step};
+use crate::plan::{Action, Inputs, Plan, Skip, Step};
 
 const TUNABLE: &str = "ksm";
-
-pub fn validate(_inp: &Inputs) -> Result<(), PlanError> {
-    Ok(())
-}
 
 /// What `check` and `plan` say beside the steps.
 pub fn advice(inp: &Inputs) -> Vec<String> {

@@ -4,7 +4,7 @@
 # in both orders; KSM paused while a VM runs; remove-rescan of the single- and the
 # multi-function edu device with every function back with its driver; the kernel's reset
 # where the device has one; a device that is not there refused before anything changes.
-# timeout: 180
+# timeout: 360
 . /lab/guest/lib.sh
 
 node=/sys/devices/system/node
