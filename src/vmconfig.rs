@@ -85,6 +85,9 @@ pub struct VmConfig {
     pub keephugepages: bool,
     /// `allow-ksm:` (Proxmox VE 9.1 and later; `0` starts QEMU with `mem-merge=off`).
     pub allow_ksm: Option<bool>,
+    /// `memory` in `hotplug:` (qemu-server then backs memory with DIMMs, and allocates
+    /// hugepages per DIMM).
+    pub hotplug_memory: bool,
     pub affinity: Option<CpuSet>,
     pub hostpci: BTreeMap<u8, HostPci>,
     pub lock: Option<String>,
@@ -110,6 +113,7 @@ impl Default for VmConfig {
             hugepages: None,
             keephugepages: false,
             allow_ksm: None,
+            hotplug_memory: false,
             affinity: None,
             hostpci: BTreeMap::new(),
             lock: None,
@@ -268,6 +272,8 @@ impl VmConfig {
             }
             "keephugepages" => self.keephugepages = boolean(value)?,
             "allow-ksm" => self.allow_ksm = Some(boolean(value)?),
+            // `1` is qemu-server's default set (network,disk,usb), `0` none.
+            "hotplug" => self.hotplug_memory = value.split(',').any(|f| f == "memory"),
             "affinity" => self.affinity = Some(pve_cpuset(value)?),
             "lock" => self.lock = Some(value.to_string()),
             "cpu" => self.cpu = Some(value.to_string()),

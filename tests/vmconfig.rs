@@ -106,6 +106,7 @@ future-key: whatever=1
         hugepages: Some(HugepageSize::Gib1),
         keephugepages: true,
         allow_ksm: Some(false),
+        hotplug_memory: false,
         affinity: Some("2-5,10-13".parse().unwrap()),
         hostpci: BTreeMap::from([
             (

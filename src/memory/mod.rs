@@ -76,6 +76,14 @@ pub fn need(config: &VmConfig, sizes: &BTreeSet<u64>) -> Result<Vec<NodeNeed>, S
     let Some(wanted) = config.hugepages else {
         return Ok(Vec::new());
     };
+    if config.hotplug_memory {
+        return Err(
+            "memory hotplug is on (hotplug: memory): qemu-server then allocates \
+                    hugepages per DIMM, which pvetune does not model; leave hugepages: out of \
+                    the profile or memory out of hotplug:"
+                .into(),
+        );
+    }
     if !config.numa {
         return Err(
             "the VM config sets hugepages but not 'numa: 1': qemu-server allocates \
@@ -235,5 +243,14 @@ mod tests {
         let any = conf("memory: 1000\nnuma: 1\nhugepages: any\n");
         assert_eq!(need(&any, &both()).unwrap()[0].size_kb, 2048);
         assert!(need(&conf("memory: 1000\n"), &two).unwrap().is_empty());
+        assert!(
+            err(
+                "memory: 2048\nnuma: 1\nhugepages: 2\nhotplug: disk,memory\n",
+                &two
+            )
+            .contains("memory hotplug")
+        );
+        let plugged = conf("memory: 2048\nnuma: 1\nhugepages: 2\nhotplug: 1\n");
+        assert_eq!(need(&plugged, &two).unwrap()[0].pages, 1024);
     }
 }
