@@ -630,3 +630,30 @@ fn a_failure_at_any_change_of_pre_start_leaves_the_host_as_it_was() {
     }
     assert!(failed_somewhere >= 6, "{failed_somewhere}");
 }
+
+#[test]
+fn a_vm_joining_a_pool_counts_what_it_holds_now_not_when_the_first_reserved() {
+    let host = host_copy("xeon-2s");
+    second_vm(&host.path);
+    // 10 pages of another VM (started by qemu-server without pvetune) when 201 reserves.
+    write(&host.path, POOL0, "10\n");
+    let kernel = Kernel::new(&host.path);
+    let _a = starting(&host.path, 201);
+    hook(&host.path, &kernel, 201, Phase::PreStart).unwrap();
+    assert_eq!(pool(&host.path), "26");
+    // That VM stopped: its 10 pages went back to the kernel.
+    write(&host.path, POOL0, "16\n");
+    let b = starting(&host.path, 202);
+    hook(&host.path, &kernel, 202, Phase::PreStart).unwrap();
+    assert_eq!(
+        pool(&host.path),
+        "24",
+        "16 of 201's and 202's 8, not the 10 gone"
+    );
+    drop(b);
+    hook(&host.path, &kernel, 202, Phase::PostStop).unwrap();
+    assert_eq!(pool(&host.path), "16");
+    drop(_a);
+    hook(&host.path, &kernel, 201, Phase::PostStop).unwrap();
+    assert_eq!(pool(&host.path), "0");
+}

@@ -329,6 +329,9 @@ impl<H: Host> Executor<'_, H> {
             compose: None,
             extra: Default::default(),
         });
+        if op == Some(ComposeOp::Add) && claim.holder(self.vmid).is_none() {
+            rebase_pool(&mut claim, &current);
+        }
         let composed = compose.is_some();
         if let Some(mut compose) = compose {
             // Fields a newer pvetune recorded stay (see `state::Extra`).
@@ -367,6 +370,26 @@ impl<H: Host> Executor<'_, H> {
                 })
             }
         }
+    }
+}
+
+/// A VM joining a hugepage pool that other VMs reserved in: the part of the pool that is not
+/// theirs is taken from what the pool holds now, not from when the first of them reserved
+/// (another VM's pages may have been allocated or freed since: qemu-server's own, or the
+/// surplus of a VM that stopped), so that the pool is raised by this VM's pages and no more.
+/// Recorded before the write like every claim: a crash in between leaves a claim whose release
+/// writes back what the pool held.
+fn rebase_pool(claim: &mut Claim, current: &str) {
+    let held: u64 = claim
+        .holders
+        .iter()
+        .filter_map(|h| h.value.trim().parse::<u64>().ok())
+        .sum();
+    if let Ok(now) = current.trim().parse::<u64>()
+        && !claim.holders.is_empty()
+        && now >= held
+    {
+        claim.original = format!("{}\n", now - held);
     }
 }
 
