@@ -93,6 +93,9 @@ enum Command {
     },
     /// A portable profile and the VM config lines that match it on this host; changes nothing
     Suggest { vmid: String },
+    /// Reserve, per NUMA node, the hugepages of every VM whose profile has `hugepages: { boot:
+    /// true }`, kept for them (run at boot, before Proxmox starts guests)
+    Reserve,
     /// `<vmid> <phase>`: the hookscript call (see below)
     #[command(external_subcommand)]
     Hook(Vec<String>),
@@ -193,6 +196,7 @@ fn run(cli: Cli) -> Result<Vec<String>, Error> {
         }
         Some(Command::Topology { json }) => crate::topoview::command(&env.root, json)?,
         Some(Command::Suggest { vmid }) => crate::suggest::command(&env, parse_vmid(&vmid)?)?,
+        Some(Command::Reserve) => crate::reserve::reserve(&env, &host)?,
         Some(Command::Hook(args)) => match args.as_slice() {
             [vmid, phase] => {
                 let (vmid, phase) = (parse_vmid(vmid)?, parse_phase(phase)?);

@@ -33,10 +33,12 @@ use std::io;
 
 mod cgroup;
 mod irqbalance;
+mod memory;
 mod prepare;
 mod undo;
 pub use cgroup::read_claimed;
 pub use irqbalance::EXCHANGE_DEADLINE;
+pub use memory::{PCI_DEVICES, PCI_RESCAN, device_dir, driver_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -69,6 +71,21 @@ pub enum ExecError {
         wanted: String,
         got: String,
     },
+    #[error(
+        "hugepages, {place}: the kernel gave {got} of the {wanted} pages pvetune asked for \
+         ({path}); the pool is put back as it was and the VM does not start. Memory there is \
+         short or too fragmented: free memory on that node (stop another VM; \
+         hugepages.drop-caches and compaction help), bind the VM to another node (numaN: \
+         hostnodes=), or reserve the pages at boot (pvetune reserve)"
+    )]
+    Shortfall {
+        path: String,
+        wanted: u64,
+        got: u64,
+        place: String,
+    },
+    #[error("PCI {device}: {message}")]
+    Device { device: String, message: String },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -110,6 +127,15 @@ enum Intent {
     Expect { path: String, value: String },
     /// Write `0`, then `1`, to a CPU's `online` (claimed as `1` beforehand).
     Cycle { path: String },
+    /// Write a trigger file, or `sync(2)` (`path` None); nothing to undo.
+    Trigger { path: Option<String>, value: String },
+    /// Remove and rescan PCI functions; `previous` is the `Rescan` claim before this batch
+    /// (what the ledger gets back once the functions are back).
+    RemoveRescan {
+        functions: Vec<(crate::pci::PciId, Option<String>)>,
+        timeout: std::time::Duration,
+        previous: Option<Claim>,
+    },
     Pin {
         thread: ThreadRef,
         tid: i32,
@@ -126,6 +152,9 @@ pub struct Executor<'a, H: Host> {
     pub store: &'a Store,
     pub state: State,
     pub vmid: u32,
+    /// Whether a rollback also releases boot-time reservations (`state::KEPT`): only an
+    /// explicit `pvetune rollback <vmid>` does.
+    pub release_kept: bool,
 }
 
 impl<'a, H: Host> Executor<'a, H> {
@@ -136,6 +165,7 @@ impl<'a, H: Host> Executor<'a, H> {
             store,
             state,
             vmid,
+            release_kept: false,
         }
     }
 
@@ -165,12 +195,27 @@ impl<'a, H: Host> Executor<'a, H> {
         steps: &[Step],
         applied: &mut Applied,
     ) -> Result<Vec<Intent>, ExecError> {
+        // qemu-server allocates under this lock: a pool is never changed beside it.
+        let _hugepages = steps
+            .iter()
+            .any(|s| matches!(s.action, Action::Reserve { .. }))
+            .then(|| memory::hugepage_lock(self.root))
+            .transpose()?;
         let (intents, changes) = self.prepare(steps, applied)?;
         self.store.append(&mut self.state, changes)?;
         let mut gone = Vec::new();
         for (i, intent) in intents.iter().enumerate() {
             match self.perform(intent) {
-                Ok(Some(true)) => applied.changed += 1,
+                Ok(Some(true)) => {
+                    applied.changed += 1;
+                    if let Intent::RemoveRescan { previous, .. } = intent {
+                        // Every function is back: nothing is left for a rollback to mend.
+                        gone.push(Change::Claim {
+                            path: PCI_RESCAN.to_string(),
+                            claim: previous.clone(),
+                        });
+                    }
+                }
                 Ok(Some(false)) => applied.unchanged += 1,
                 Ok(None) => {
                     applied.vanished += 1;
@@ -221,7 +266,36 @@ impl<'a, H: Host> Executor<'a, H> {
                 effective,
                 op,
                 ..
-            } => self.put(path, current, effective, *op),
+            } => {
+                let done = self.put(path, current, effective, *op)?;
+                if *op == Some(ComposeOp::Add) {
+                    // The kernel allocates what it can and says nothing: the count it reads
+                    // back is the verdict.
+                    self.verify_pool(path, effective)?;
+                }
+                Ok(done)
+            }
+            Intent::Trigger { path: None, .. } => {
+                self.host.sync().map_err(|source| ExecError::Write {
+                    path: "sync(2)".into(),
+                    value: String::new(),
+                    source,
+                })?;
+                Ok(Some(true))
+            }
+            Intent::Trigger {
+                path: Some(path),
+                value,
+            } => {
+                self.trigger(path, value)?;
+                Ok(Some(true))
+            }
+            Intent::RemoveRescan {
+                functions, timeout, ..
+            } => {
+                self.remove_rescan(functions, *timeout)?;
+                Ok(Some(true))
+            }
             Intent::Move {
                 thread,
                 tid,

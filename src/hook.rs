@@ -40,6 +40,8 @@ pub struct Loaded {
     pub cpus: Option<Located<CpuSet>>,
     /// Why placement chose `cpus` (empty for an explicit list).
     pub placed: Vec<String>,
+    pub memory: crate::memory::MemoryFacts,
+    pub devices: crate::devices::Devices,
 }
 
 impl Loaded {
@@ -57,6 +59,8 @@ impl Loaded {
             config: &self.config,
             running: self.running.as_ref(),
             others,
+            memory: &self.memory,
+            devices: &self.devices,
         }
     }
 }
@@ -101,6 +105,18 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
     } else {
         None
     };
+    let mut memory = crate::memory::MemoryFacts::read(
+        &env.root,
+        profile.hugepages.is_some(),
+        profile.ksm.is_some(),
+    );
+    memory.vm_running = running.is_some()
+        || (profile.hugepages.is_some()
+            && vm::read_pid(env.root.base(), vmid).is_ok_and(|p| p.is_some()));
+    let devices = match &profile.pci_reset {
+        Some(reset) => crate::devices::Devices::read(&env.root, &config, reset.devices.as_deref()),
+        None => crate::devices::Devices::default(),
+    };
     Ok(Some(Loaded {
         profile,
         topology,
@@ -109,6 +125,8 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         running,
         cpus: listed,
         placed: Vec::new(),
+        memory,
+        devices,
     }))
 }
 
@@ -429,6 +447,18 @@ pub fn rollback_vm<H: Host>(
     state: &mut State,
     vmid: u32,
 ) -> Result<Applied, Error> {
+    rollback_vm_with(env, host, store, state, vmid, false)
+}
+
+/// [`rollback_vm`]; `release_kept`: boot-time reservations too (`pvetune rollback`).
+fn rollback_vm_with<H: Host>(
+    env: &Env,
+    host: &H,
+    store: &Store,
+    state: &mut State,
+    vmid: u32,
+    release_kept: bool,
+) -> Result<Applied, Error> {
     let alive = process_alive(env, state.vms.get(&vmid));
     let pins = state.vms.get(&vmid).map_or(0, |r| r.pins.len());
     let claims = state
@@ -437,6 +467,7 @@ pub fn rollback_vm<H: Host>(
         .filter(|c| c.holders.iter().any(|h| h.vmid == vmid))
         .count();
     let mut exec = Executor::new(&env.root, host, store, std::mem::take(state), vmid);
+    exec.release_kept = release_kept;
     let errors = exec.rollback(alive);
     *state = exec.state;
     if !errors.is_empty() {
@@ -457,10 +488,14 @@ pub fn rollback_command<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<Strin
     let store = Store::new(&env.root);
     let _lock = store.lock()?;
     let mut state = store.load()?;
-    if !state.held_vms().contains(&vmid) {
+    let kept = state
+        .claims
+        .values()
+        .any(|c| c.holder(vmid).is_some_and(|h| h.kept()));
+    if !kept && !state.held_vms().contains(&vmid) {
         return Ok(format!("pvetune: VM {vmid}: nothing held"));
     }
-    let applied = rollback_vm(env, host, &store, &mut state, vmid);
+    let applied = rollback_vm_with(env, host, &store, &mut state, vmid, true);
     if let Err(e) = store.compact(&mut state) {
         log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
     }
@@ -494,6 +529,9 @@ pub fn check(env: &Env, vmid: u32) -> Result<String, Error> {
     }
     if let Some(warning) = crate::tunables::pinning::guest_smt_missing(&inputs) {
         out.push_str(&format!("\n{warning}"));
+    }
+    for line in crate::tunables::ksm::advice(&inputs) {
+        out.push_str(&format!("\n{line}"));
     }
     Ok(out)
 }

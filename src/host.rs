@@ -28,6 +28,11 @@ pub trait Host {
     fn mkdir(&self, path: &Path) -> io::Result<()>;
     /// Removes one empty directory (a cgroup without threads or children).
     fn rmdir(&self, path: &Path) -> io::Result<()>;
+    /// `sync(2)`: dirty pages written back (before `drop_caches`). Test hosts need not flush
+    /// anything, so the default does nothing; [`RealHost`] calls the kernel.
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<H: Host + ?Sized> Host for &H {
@@ -51,6 +56,9 @@ impl<H: Host + ?Sized> Host for &H {
     }
     fn rmdir(&self, path: &Path) -> io::Result<()> {
         (**self).rmdir(path)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
     }
 }
 
@@ -99,6 +107,11 @@ impl Host for RealHost {
 
     fn rmdir(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_dir(path)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        nix::unistd::sync();
+        Ok(())
     }
 }
 
@@ -153,5 +166,8 @@ impl<H: Host> Host for FailAt<H> {
     fn rmdir(&self, path: &Path) -> io::Result<()> {
         self.tick()?;
         self.inner.rmdir(path)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
     }
 }

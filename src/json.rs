@@ -117,6 +117,8 @@ fn kind(op: Option<ComposeOp>) -> &'static str {
         Some(ComposeOp::Words) => "words",
         Some(ComposeOp::Dir) => "dir",
         Some(ComposeOp::Ban) => "ban",
+        Some(ComposeOp::Add) => "add",
+        Some(ComposeOp::Rescan) => "rescan",
     }
 }
 

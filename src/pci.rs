@@ -56,6 +56,11 @@ impl PciId {
     }
 }
 
+/// A driver as messages and plans name it: `vfio-pci`, or `no driver`.
+pub fn driver_name(driver: &Option<String>) -> String {
+    driver.clone().unwrap_or_else(|| "no driver".to_string())
+}
+
 /// Lowercase hex of exactly `len` digits (Proxmox's patterns are case-sensitive).
 fn hex(s: &str, len: usize) -> Option<u32> {
     let ok = s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));

@@ -121,6 +121,32 @@ pub enum Action {
     /// timers, kernel threads and IRQs away. A claim on `online` with its original `1`, so a
     /// crash between the two writes leaves a ledger whose undo brings the CPU back.
     Cycle { path: String },
+    /// Write a kernel *trigger*: a write-only file that holds no state to put back
+    /// (`nodeN/compact`, `/proc/sys/vm/compact_memory`, `/proc/sys/vm/drop_caches`, a PCI
+    /// function's `reset`). Nothing is recorded, because nothing can be restored.
+    Trigger { path: String, value: String },
+    /// `sync(2)`: dirty pages written back, so that `drop_caches` can drop them.
+    Sync,
+    /// Raise one node's pool of `size_kb` pages by `pages` for this VM (its
+    /// `nr_hugepages`): a claim composed as the original count plus every holder's pages
+    /// (`state::ComposeOp::Add`), made under qemu-server's `/var/lock/hugepages.lck`, and read
+    /// back: fewer pages than asked fail the batch, which puts the pool back as it was.
+    /// `keep`: a boot-time reservation (`pvetune reserve`), kept across the VM's stops.
+    Reserve {
+        node: u32,
+        size_kb: u64,
+        pages: u64,
+        keep: bool,
+    },
+    /// Remove every function of `functions` (the sysfs name of each, with the driver it is
+    /// bound to, None for none), wait until all are gone, rescan the bus, wait until each is
+    /// back with the driver it had; each wait bounded by `timeout_ms`. Recorded beforehand as
+    /// a claim on `/sys/bus/pci/rescan` (`state::ComposeOp::Rescan`), so that a crash between
+    /// the removal and the rescan is mended by the next rollback, which rescans.
+    RemoveRescan {
+        functions: Vec<(crate::pci::PciId, Option<String>)>,
+        timeout_ms: u64,
+    },
     /// The kernel makes files in answer to the steps before this one (a controller switched
     /// on creates the children's `cpuset.*` files, a cgroup comes with its own): the steps
     /// after it are read, recorded and made only once those before are made. A phase with
@@ -182,6 +208,10 @@ pub struct Inputs<'a> {
     pub running: Option<&'a RunningVm>,
     /// CPUs owned by other VMs that pvetune holds as running.
     pub others: &'a BTreeMap<u32, CpuSet>,
+    /// Hugepage pools, NUMA node memory, KSM (read only for a profile that needs them).
+    pub memory: &'a crate::memory::MemoryFacts,
+    /// The PCI functions the profile resets (read only with `pci-reset:`).
+    pub devices: &'a crate::devices::Devices,
 }
 
 /// Checks the profile against the host and the VM; shared by `check` and every phase.
@@ -215,6 +245,8 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
     tunables::governor::validate(inp)?;
     tunables::partition::validate(inp)?;
     tunables::cycle::validate(inp)?;
+    tunables::hugepages::validate(inp)?;
+    tunables::pcireset::validate(inp)?;
     Ok(())
 }
 
@@ -224,8 +256,21 @@ pub fn build(inp: &Inputs, phase: Phase) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     match phase {
         Phase::PreStart => {
+            // Devices first (qemu-server binds them to vfio-pci right after pre-start), then
+            // memory: compaction, and the reservations under qemu-server's lock.
+            tunables::pcireset::plan(inp, &mut plan);
+            tunables::hugepages::plan(inp, &mut plan)?;
+            tunables::ksm::plan(inp, &mut plan);
             // Before QEMU starts: the passthrough devices' IRQs that appear while it starts
             // take the default affinity set here.
+            if plan.steps.last().is_some_and(|s| s.action != Action::Barrier)
+                && inp.profile.isolation.irqs
+            {
+                plan.steps.push(Step {
+                    tunable: "irqs",
+                    action: Action::Barrier,
+                });
+            }
             tunables::irqs::plan(inp, &mut plan);
             if plan.steps.is_empty() && plan.skipped.is_empty() {
                 plan.notes.push(
@@ -274,7 +319,23 @@ impl fmt::Display for Action {
             | Action::Include { path, .. }
             | Action::Enable { path, .. }
             | Action::Mkdir { path, .. }
-            | Action::Cycle { path } => f.write_str(path),
+            | Action::Cycle { path }
+            | Action::Trigger { path, .. } => f.write_str(path),
+            Action::Sync => f.write_str("sync (dirty pages written back)"),
+            Action::Reserve {
+                node,
+                size_kb,
+                pages,
+                ..
+            } => write!(
+                f,
+                "{} (+{pages} for this VM)",
+                crate::memory::pool_file(*node, *size_kb, "nr_hugepages")
+            ),
+            Action::RemoveRescan { functions, .. } => {
+                let names: Vec<String> = functions.iter().map(|(id, _)| id.to_string()).collect();
+                write!(f, "PCI {} remove, rescan", names.join(" "))
+            }
             Action::Expect { path, .. } => write!(f, "check {path}"),
             Action::Ban { socket, .. } => write!(f, "irqbalance ban ({socket})"),
             Action::Barrier => f.write_str("(barrier)"),
@@ -314,6 +375,17 @@ impl Action {
             Action::Move { cgroup, .. } => cgroup.clone(),
             Action::Expect { value, .. } => value.clone(),
             Action::Cycle { .. } => "0 -> 1".to_string(),
+            Action::Trigger { value, .. } => value.clone(),
+            Action::Sync => "written back".to_string(),
+            Action::Reserve { pages, .. } => before
+                .trim()
+                .parse::<u64>()
+                .map_or_else(|_| format!("+{pages}"), |now| (now + pages).to_string()),
+            Action::RemoveRescan { functions, .. } => functions
+                .iter()
+                .map(|(id, driver)| format!("{id} back ({})", crate::pci::driver_name(driver)))
+                .collect::<Vec<_>>()
+                .join(", "),
             Action::Barrier => String::new(),
         }
     }

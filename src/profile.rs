@@ -17,8 +17,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 mod cpus;
+mod memory;
 mod trust;
 pub use cpus::{CpuRequest, PlaceRequest, SmtPolicy, Within};
+pub use memory::{Compact, Hugepages, Ksm, PciReset, Preflight, ResetMethod};
 use trust::check_owner;
 
 /// A validated profile, still independent of the host.
@@ -35,6 +37,12 @@ pub struct Profile {
     /// `key` (dotted sysctl name) -> value, in file order of keys (sorted).
     pub sysctl: Vec<(String, Located<String>)>,
     pub isolation: Isolation,
+    /// `hugepages:`: compaction, preflight and reservation before qemu-server allocates.
+    pub hugepages: Option<Hugepages>,
+    /// `ksm:`: KSM kept from scanning while the VM runs.
+    pub ksm: Option<Ksm>,
+    /// `pci-reset:`: the VM's passthrough devices reset before QEMU starts.
+    pub pci_reset: Option<PciReset>,
 }
 
 /// `isolation:`: what besides pinning keeps the host off the VM's CPUs.
@@ -137,7 +145,7 @@ pub enum ProfileError {
 /// Keys of the profile schema (docs/profile.md) that this version does not implement yet: a
 /// profile using them is refused with a clear message instead of being half-applied. The
 /// keys of `isolation:` are all implemented.
-const PLANNED_KEYS: &[&str] = &["irq", "hugepages", "pci-reset"];
+const PLANNED_KEYS: &[&str] = &["irq"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -149,6 +157,9 @@ struct RawProfile {
     governor: Option<Spanned<String>>,
     sysctl: Option<BTreeMap<String, Spanned<String>>>,
     isolation: Option<Spanned<RawIsolation>>,
+    hugepages: Option<Spanned<memory::RawHugepages>>,
+    ksm: Option<Spanned<memory::RawKsm>>,
+    pci_reset: Option<Spanned<memory::RawPciReset>>,
 }
 
 #[derive(Deserialize)]
@@ -439,8 +450,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
             .map(|c| located(c.value, at(c))),
         irqbalance,
     };
+    let bad = |(key, place, message): memory::Bad| invalid(key, place, message);
+    let hugepages = raw
+        .hugepages
+        .map(memory::hugepages)
+        .transpose()
+        .map_err(bad)?;
+    let pci_reset = raw
+        .pci_reset
+        .map(memory::pci_reset)
+        .transpose()
+        .map_err(bad)?;
     Ok(Profile {
         path: path.to_path_buf(),
+        hugepages,
+        ksm: raw.ksm.map(memory::ksm),
+        pci_reset,
         cpus: cpus_request,
         vcpus,
         emulator,
@@ -579,11 +604,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("100.yaml:3:"), "{err}");
-        let err = p("cpus: 1\nhugepages: 1G\n").unwrap_err().to_string();
-        assert!(
-            err.contains("'hugepages' is part of the profile schema"),
-            "{err}"
-        );
+        let err = p("cpus: 1\nirq: {}\n").unwrap_err().to_string();
+        assert!(err.contains("'irq' is part of the profile schema"), "{err}");
         let err = p("").unwrap_err().to_string();
         assert!(err.contains("empty profile"), "{err}");
     }
@@ -608,6 +630,72 @@ mod tests {
             err.starts_with("100.yaml:3:15: isolation.irqbalance: ban needs 'irqs: true'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn memory_and_device_keys() {
+        let prof = p(
+            "cpus: 4\nhugepages:\n  sync: true\n  drop-caches: 3\n  compact: global\n  \
+                      preflight: warn\n  reserve: true\n  boot: true\nksm: {pause: true}\n\
+                      pci-reset:\n  method: reset\n  devices: [0000:0b:00.0, 0000:0b:00.1]\n  \
+                      allow-host-driver: true\n  timeout: 5\n",
+        )
+        .unwrap();
+        let hp = prof.hugepages.unwrap();
+        assert_eq!(
+            (
+                hp.sync,
+                hp.drop_caches,
+                hp.compact,
+                hp.preflight,
+                hp.reserve,
+                hp.boot
+            ),
+            (true, Some(3), Compact::Global, Preflight::Warn, true, true)
+        );
+        assert!(prof.ksm.unwrap().pause);
+        let reset = prof.pci_reset.unwrap();
+        assert_eq!(reset.method, ResetMethod::Reset);
+        assert_eq!(reset.devices.unwrap().len(), 2);
+        assert!(reset.allow_host_driver);
+        assert_eq!(reset.timeout_ms, 5000);
+        let defaults = p("cpus: 4\nhugepages: {}\npci-reset: {}\n").unwrap();
+        let hp = defaults.hugepages.unwrap();
+        assert_eq!(
+            (hp.compact, hp.preflight, hp.reserve),
+            (Compact::Nodes, Preflight::Fail, false)
+        );
+        assert_eq!(
+            defaults.pci_reset.unwrap().method,
+            ResetMethod::RemoveRescan
+        );
+        for (text, want) in [
+            (
+                "hugepages:\n  drop-caches: 4\n",
+                "100.yaml:3:16: hugepages.drop-caches: 4 is not",
+            ),
+            (
+                "hugepages:\n  compact: all\n",
+                "100.yaml:3:12: hugepages.compact: 'all' is not one of nodes, global, none",
+            ),
+            (
+                "pci-reset:\n  method: flr\n",
+                "100.yaml:3:11: pci-reset.method: 'flr' is not one of",
+            ),
+            (
+                "pci-reset:\n  devices: [0b:00.0]\n",
+                "100.yaml:3:13: pci-reset.devices: invalid PCI address '0b:00.0'",
+            ),
+            (
+                "pci-reset:\n  devices: [0000:0b:00.0, 0000:0b:00.0]\n",
+                "is listed twice",
+            ),
+            ("pci-reset:\n  timeout: 0\n", "pci-reset.timeout: 0 s"),
+            ("hugepages:\n  reserv: true\n", "unknown field `reserv`"),
+        ] {
+            let err = p(&format!("cpus: 4\n{text}")).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 
     #[test]

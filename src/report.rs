@@ -74,7 +74,7 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
     let mut held: Vec<(u64, &String, &Claim)> = state
         .claims
         .iter()
-        .filter_map(|(p, c)| c.holder(vmid).map(|h| (h.seq, p, c)))
+        .filter_map(|(p, c)| c.holder(vmid).filter(|h| !h.kept()).map(|h| (h.seq, p, c)))
         .collect();
     held.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
     for (_, path, claim) in held {
@@ -91,6 +91,13 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
                         } else {
                             " without this VM's CPUs"
                         }
+                    ));
+                    None
+                }
+                Some(ComposeOp::Rescan) => {
+                    plan.notes.push(format!(
+                        "{path}: PCI {} rescanned (a removal that did not finish)",
+                        claim.holder(vmid).map_or("", |h| h.value.as_str())
                     ));
                     None
                 }
@@ -326,6 +333,17 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                         claim.original,
                         h.value
                     ),
+                    Some(ComposeOp::Add) => format!(
+                        "  {path}: {} (original {}; {} pages reserved for this VM{})",
+                        claim.effective(),
+                        claim.original.trim(),
+                        h.value,
+                        if h.kept() { " at boot, kept" } else { "" }
+                    ),
+                    Some(ComposeOp::Rescan) => format!(
+                        "  {path}: PCI {} removed, not rescanned yet (rollback rescans)",
+                        h.value
+                    ),
                     None => format!(
                         "  {path}: {} (original {})",
                         h.value.trim(),
@@ -357,7 +375,8 @@ pub fn status(env: &Env, only: Option<u32>) -> Result<Vec<String>, Error> {
                     }
                     Some(ComposeOp::Include) => format!("VM {} adds {}", h.vmid, h.value.trim()),
                     Some(ComposeOp::Ban) => format!("VM {} bans {}", h.vmid, h.value),
-                    Some(ComposeOp::Words | ComposeOp::Dir) | None => {
+                    Some(ComposeOp::Add) => format!("VM {} reserves {}", h.vmid, h.value),
+                    Some(ComposeOp::Words | ComposeOp::Dir | ComposeOp::Rescan) | None => {
                         format!("VM {}={}", h.vmid, h.value.trim())
                     }
                 })

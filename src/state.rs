@@ -89,6 +89,7 @@ pub const LEDGER_PATH_PREFIXES: &[&str] = &[
     "/sys/fs/cgroup/",           // cpuset partitions
     "/sys/kernel/mm/hugepages/", // hugepage pools
     "/sys/bus/pci/",             // PCI reset, driver binding
+    "/sys/kernel/mm/ksm/",       // KSM paused while a VM runs
     // irqbalance's control socket (`/run/irqbalance/irqbalance<pid>.sock`): not a file that
     // is written but the key of the `Ban` claim; rollback talks to it (`exec/irqbalance.rs`).
     "/run/irqbalance/",
@@ -227,6 +228,15 @@ pub enum ComposeOp {
     /// (irqbalance's `BANNED` lags a scan behind and already holds VM CPUs). The last release
     /// sends `original` (`NULL`: irqbalance detects again).
     Ban,
+    /// A hugepage pool's `nr_hugepages`: the original count plus every holder's pages (each
+    /// VM's reservation). A release never raises the pool (qemu-server may have shrunk it
+    /// after the start, `keephugepages: 0`): it writes the smaller of what the file holds and
+    /// what the others still need.
+    Add,
+    /// `/sys/bus/pci/rescan`, held while a VM's devices are removed and not yet rescanned:
+    /// a holder's value lists the functions. Its release rescans (a crash in between is
+    /// mended by the next rollback); a successful reset releases it at once.
+    Rescan,
 }
 
 impl Compose {
@@ -246,6 +256,17 @@ impl Compose {
 impl ComposeOp {
     fn is_exclude(&self) -> bool {
         *self == ComposeOp::Exclude
+    }
+}
+
+/// A holder's field for a boot-time reservation (`pvetune reserve`): kept across the VM's
+/// stops and reconciles, released only by `pvetune rollback <vmid>` or a later `reserve`.
+pub const KEPT: &str = "boot";
+
+impl Holder {
+    /// A boot-time reservation, which the VM's post-stop and reconcile leave alone.
+    pub fn kept(&self) -> bool {
+        self.extra.get(KEPT) == Some(&serde_json::Value::Bool(true))
     }
 }
 
@@ -358,6 +379,16 @@ impl Claim {
             }
             ComposeOp::Dir => Cow::Borrowed(&last.value),
             ComposeOp::Ban => Cow::Owned(compose.base.union(&taken()).to_string()),
+            ComposeOp::Add => {
+                let pages: u64 = self
+                    .holders
+                    .iter()
+                    .filter_map(|h| h.value.trim().parse::<u64>().ok())
+                    .sum();
+                let base = self.original.trim().parse::<u64>().unwrap_or(0);
+                Cow::Owned((base + pages).to_string())
+            }
+            ComposeOp::Rescan => Cow::Borrowed(&last.value),
         }
     }
 
@@ -397,7 +428,7 @@ impl State {
     pub fn held_vms(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.vms.keys().copied().collect();
         for claim in self.claims.values() {
-            ids.extend(claim.holders.iter().map(|h| h.vmid));
+            ids.extend(claim.holders.iter().filter(|h| !h.kept()).map(|h| h.vmid));
         }
         ids.sort_unstable();
         ids.dedup();
@@ -606,6 +637,8 @@ mod tests {
             "/sys/fs/cgroup/pvetune.slice/cpuset.cpus.partition",
             "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages",
             "/sys/bus/pci/devices/0000:01:00.0/reset",
+            "/sys/bus/pci/rescan",
+            "/sys/kernel/mm/ksm/run",
             "/run/irqbalance/irqbalance812.sock",
         ] {
             assert_eq!(path_refusal(good), None, "{good}");

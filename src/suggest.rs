@@ -73,6 +73,7 @@ pub fn command(env: &Env, vmid: u32) -> Result<Vec<String>, Error> {
         column: 0,
     };
     let facts = HostFacts::default();
+    let (memory, devices) = Default::default();
     let inputs = Inputs {
         vmid,
         profile: &profile,
@@ -82,6 +83,8 @@ pub fn command(env: &Env, vmid: u32) -> Result<Vec<String>, Error> {
         config: &suggested,
         running: None,
         others: &others,
+        memory: &memory,
+        devices: &devices,
     };
     let plan_error = |source: PlanError| Error::Plan {
         path: path.to_path_buf(),

@@ -83,6 +83,11 @@ pub struct VmConfig {
     pub numa_nodes: BTreeMap<u8, NumaSpec>,
     pub hugepages: Option<HugepageSize>,
     pub keephugepages: bool,
+    /// `allow-ksm:` (Proxmox VE 9.1 and later; `0` starts QEMU with `mem-merge=off`).
+    pub allow_ksm: Option<bool>,
+    /// `memory` in `hotplug:` (qemu-server then backs memory with DIMMs, and allocates
+    /// hugepages per DIMM).
+    pub hotplug_memory: bool,
     pub affinity: Option<CpuSet>,
     pub hostpci: BTreeMap<u8, HostPci>,
     pub lock: Option<String>,
@@ -107,6 +112,8 @@ impl Default for VmConfig {
             numa_nodes: BTreeMap::new(),
             hugepages: None,
             keephugepages: false,
+            allow_ksm: None,
+            hotplug_memory: false,
             affinity: None,
             hostpci: BTreeMap::new(),
             lock: None,
@@ -264,6 +271,9 @@ impl VmConfig {
                 })
             }
             "keephugepages" => self.keephugepages = boolean(value)?,
+            "allow-ksm" => self.allow_ksm = Some(boolean(value)?),
+            // `1` is qemu-server's default set (network,disk,usb), `0` none.
+            "hotplug" => self.hotplug_memory = value.split(',').any(|f| f == "memory"),
             "affinity" => self.affinity = Some(pve_cpuset(value)?),
             "lock" => self.lock = Some(value.to_string()),
             "cpu" => self.cpu = Some(value.to_string()),

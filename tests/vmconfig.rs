@@ -62,6 +62,7 @@ hostpci1: host=0c:00;0d:00.1,pcie=yes
 hostpci2: mapping=gpu1,mdev=nvidia-35
 hugepages: 1024
 keephugepages: true
+allow-ksm: 0
 lock: backup
 memory: current=8192
 name: rt-vm
@@ -104,6 +105,8 @@ future-key: whatever=1
         ]),
         hugepages: Some(HugepageSize::Gib1),
         keephugepages: true,
+        allow_ksm: Some(false),
+        hotplug_memory: false,
         affinity: Some("2-5,10-13".parse().unwrap()),
         hostpci: BTreeMap::from([
             (
@@ -267,7 +270,7 @@ fn error_message_is_actionable() {
 #[test]
 fn keys_pvetune_does_not_read_are_accepted() {
     let text = "net0: virtio=AA:BB,bridge=vmbr0\nnuma8: cpus=x\nhostpci16: junk\n\
-        allow-ksm: 0\nnot a key line\n  indented: 1\nmeta: creation-qemu=9.0.2\n";
+        tablet: 0\nnot a key line\n  indented: 1\nmeta: creation-qemu=9.0.2\n";
     assert_eq!(VmConfig::parse(text).unwrap(), VmConfig::default());
 }
 

@@ -168,6 +168,66 @@ impl<H: Host> Executor<'_, H> {
                     intents.push(Intent::Cycle { path: path.clone() });
                 }
                 Action::Barrier => {}
+                Action::Trigger { path, value } => intents.push(Intent::Trigger {
+                    path: Some(path.clone()),
+                    value: value.clone(),
+                }),
+                Action::Sync => intents.push(Intent::Trigger {
+                    path: None,
+                    value: String::new(),
+                }),
+                Action::Reserve {
+                    node,
+                    size_kb,
+                    pages,
+                    keep,
+                } => {
+                    let path = crate::memory::pool_file(*node, *size_kb, "nr_hugepages");
+                    let planned = (&claims, &seq);
+                    let compose = Some(Compose::of(ComposeOp::Add));
+                    let value = pages.to_string();
+                    if let Some((mut claim, intent)) =
+                        self.claim_intent(&path, value, compose, false, planned, applied)?
+                    {
+                        if *keep
+                            && let Some(h) = claim.holders.iter_mut().find(|h| h.vmid == self.vmid)
+                        {
+                            h.extra.insert(crate::state::KEPT.into(), true.into());
+                        }
+                        claims.changes.push(Change::Claim {
+                            path: path.clone(),
+                            claim: Some(claim),
+                        });
+                        // Keyed by the path in the batch's map, which borrows from `steps`:
+                        // a reservation is one step per node and size, so no later step of
+                        // the batch looks it up.
+                        intents.push(intent);
+                    }
+                }
+                Action::RemoveRescan {
+                    functions,
+                    timeout_ms,
+                } => {
+                    let previous = self.state.claims.get(super::PCI_RESCAN).cloned();
+                    let mut claim = previous.clone().unwrap_or_else(|| Claim {
+                        original: String::new(),
+                        holders: Vec::new(),
+                        compose: Some(Compose::of(ComposeOp::Rescan)),
+                        extra: Default::default(),
+                    });
+                    let names: Vec<String> =
+                        functions.iter().map(|(id, _)| id.to_string()).collect();
+                    self.hold(&mut claim, names.join(" "), &seq);
+                    claims.changes.push(Change::Claim {
+                        path: super::PCI_RESCAN.to_string(),
+                        claim: Some(claim),
+                    });
+                    intents.push(Intent::RemoveRescan {
+                        functions: functions.clone(),
+                        timeout: std::time::Duration::from_millis(*timeout_ms),
+                        previous,
+                    });
+                }
                 Action::Pin { thread, cpus } => {
                     let Some(tid) = thread.tid else {
                         return Err(ExecError::NotRunning {
@@ -262,6 +322,9 @@ impl<H: Host> Executor<'_, H> {
             compose: None,
             extra: Default::default(),
         });
+        if op == Some(ComposeOp::Add) && claim.holder(self.vmid).is_none() {
+            rebase_pool(&mut claim, &current);
+        }
         let composed = compose.is_some();
         if let Some(mut compose) = compose {
             // Fields a newer pvetune recorded stay (see `state::Extra`).
@@ -334,6 +397,26 @@ impl<'s> Batch<'s> {
             path: path.to_string(),
             claim: Some(claim),
         });
+    }
+}
+
+/// A VM joining a hugepage pool that other VMs reserved in: the part of the pool that is not
+/// theirs is taken from what the pool holds now, not from when the first of them reserved
+/// (another VM's pages may have been allocated or freed since: qemu-server's own, or the
+/// surplus of a VM that stopped), so that the pool is raised by this VM's pages and no more.
+/// Recorded before the write like every claim: a crash in between leaves a claim whose release
+/// writes back what the pool held.
+fn rebase_pool(claim: &mut Claim, current: &str) {
+    let held: u64 = claim
+        .holders
+        .iter()
+        .filter_map(|h| h.value.trim().parse::<u64>().ok())
+        .sum();
+    if let Ok(now) = current.trim().parse::<u64>()
+        && !claim.holders.is_empty()
+        && now >= held
+    {
+        claim.original = format!("{}\n", now - held);
     }
 }
 

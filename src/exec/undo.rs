@@ -73,7 +73,23 @@ impl<H: Host> Executor<'_, H> {
                     }
                     continue;
                 }
-                Intent::Move { .. } | Intent::Expect { .. } => continue,
+                Intent::Move { .. } | Intent::Expect { .. } | Intent::Trigger { .. } => continue,
+                Intent::RemoveRescan { previous, .. } if i > failed => Ok(Change::Claim {
+                    path: super::PCI_RESCAN.to_string(),
+                    claim: previous.clone(),
+                }),
+                Intent::RemoveRescan {
+                    functions,
+                    previous,
+                    ..
+                } => {
+                    // What was removed comes back; a reset cannot be taken back.
+                    let ids: Vec<_> = functions.iter().map(|(id, _)| *id).collect();
+                    self.rescan_missing(&ids).map(|()| Change::Claim {
+                        path: super::PCI_RESCAN.to_string(),
+                        claim: previous.clone(),
+                    })
+                }
                 Intent::Pin {
                     tid,
                     current: before,
@@ -105,11 +121,23 @@ impl<H: Host> Executor<'_, H> {
         let mut changes = Vec::new();
         // Last taken, first released: a cgroup's files before the cgroup, a child before its
         // parent (ties, from ledgers without an order: reverse path order, as before).
+        let _hugepages = self
+            .state
+            .claims
+            .values()
+            .any(|c| c.op() == Some(ComposeOp::Add) && c.holder(self.vmid).is_some())
+            .then(|| super::memory::hugepage_lock(self.root));
+        let _hugepages = match _hugepages.transpose() {
+            Ok(lock) => lock,
+            Err(e) => return vec![e],
+        };
         let mut paths: Vec<(u64, &String)> = self
             .state
             .claims
             .iter()
-            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h.seq, p)))
+            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h, p)))
+            .filter(|(h, _)| self.release_kept || !h.kept())
+            .map(|(h, p)| (h.seq, p))
             .collect();
         paths.sort_unstable();
         let paths: Vec<String> = paths.into_iter().map(|(_, p)| p.clone()).collect();
@@ -168,6 +196,12 @@ impl<H: Host> Executor<'_, H> {
             path: path.to_string(),
             claim: (!rest.holders.is_empty()).then(|| rest.clone()),
         };
+        if claim.op() == Some(ComposeOp::Rescan) {
+            // A removal a crash interrupted: bring back whatever is missing.
+            let held = claim.holder(self.vmid).map(|h| h.value.as_str());
+            self.rescan_missing(&super::memory::listed_functions(held.unwrap_or("")))?;
+            return Ok(Some(released()));
+        }
         if claim.op() == Some(ComposeOp::Exclude) {
             // IRQ affinities, thousands per VM: written back without reading them first, as
             // the value to put back depends only on the claim (a file that no longer holds
@@ -205,7 +239,17 @@ impl<H: Host> Executor<'_, H> {
                 claim.effective().trim()
             );
         }
-        self.put(path, &current, &rest.effective(), claim.op())?;
+        let mut target = rest.effective().into_owned();
+        if claim.op() == Some(ComposeOp::Add)
+            && let (Ok(now), Ok(want)) =
+                (current.trim().parse::<u64>(), target.trim().parse::<u64>())
+            && now < want
+        {
+            // qemu-server shrank the pool after the start (`keephugepages: 0`), or the VM's
+            // pages went back with it: a release never allocates.
+            target = current.clone();
+        }
+        self.put(path, &current, &target, claim.op())?;
         Ok(Some(released()))
     }
 

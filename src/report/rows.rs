@@ -88,6 +88,10 @@ fn action_kind(action: &Action) -> &'static str {
         Action::Ban { .. } => "ban",
         Action::Expect { .. } => "expect",
         Action::Cycle { .. } => "cycle",
+        Action::Reserve { .. } => "reserve",
+        Action::Trigger { .. } => "trigger",
+        Action::Sync => "sync",
+        Action::RemoveRescan { .. } => "remove-rescan",
         Action::Barrier => "barrier",
     }
 }
@@ -108,6 +112,17 @@ fn step_rows<H: Host>(env: &Env, host: &H, plan: &Plan) -> Vec<Row> {
             | Action::Include { path, .. }
             | Action::Enable { path, .. }
             | Action::Cycle { path } => read(path),
+            Action::Reserve { node, size_kb, .. } => {
+                read(&crate::memory::pool_file(*node, *size_kb, "nr_hugepages"))
+            }
+            // Write-only: there is no value before.
+            Action::Trigger { .. } => "(trigger)".to_string(),
+            Action::Sync => "dirty pages".to_string(),
+            Action::RemoveRescan { functions, .. } => functions
+                .iter()
+                .map(|(id, driver)| format!("{id} present ({})", crate::pci::driver_name(driver)))
+                .collect::<Vec<_>>()
+                .join(", "),
             Action::Barrier => continue,
             Action::Ban { socket, .. } => {
                 crate::exec::read_claimed(host, &env.root, socket, Some(ComposeOp::Ban), &[])

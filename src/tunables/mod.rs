@@ -4,8 +4,11 @@
 
 pub mod cycle;
 pub mod governor;
+pub mod hugepages;
 pub mod irqbalance;
 pub mod irqs;
+pub mod ksm;
 pub mod partition;
+pub mod pcireset;
 pub mod pinning;
 pub mod sysctl;

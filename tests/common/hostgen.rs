@@ -253,6 +253,100 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
     put(root, "proc/sys/kernel/sched_rt_runtime_us", "950000");
     put(root, "proc/sys/kernel/osrelease", "6.17.2-1-pve");
     write_cgroups(root, &online, spec.nodes.len().max(1));
+    write_ksm(root);
+    write_pci(root, spec.nodes.len());
+}
+
+/// `/sys/kernel/mm/ksm` as Proxmox leaves it with ksmtuned idle: KSM running, its defaults.
+fn write_ksm(root: &Path) {
+    let ksm = "sys/kernel/mm/ksm";
+    for (file, value) in [
+        ("run", "1"),
+        ("pages_to_scan", "100"),
+        ("sleep_millisecs", "20"),
+        ("merge_across_nodes", "1"),
+        ("pages_shared", "0"),
+        ("pages_sharing", "0"),
+        ("full_scans", "0"),
+    ] {
+        put(root, &format!("{ksm}/{file}"), value);
+    }
+}
+
+/// PCI functions as the kernel shows them: `/sys/bus/pci/devices/<id>` a link into
+/// `/sys/devices/pci0000:00/...`, each device with `vendor`, `device`, `class`, `numa_node`,
+/// `reset_method`, the write-only `reset` and `remove`, and `driver` a link to
+/// `/sys/bus/pci/drivers/<name>` when bound; `/sys/bus/pci/rescan` write-only. Every example
+/// host has a two-function GPU at 0b:00 (VGA and HDMI audio) bound to vfio-pci, as for a
+/// passthrough, and an NVMe disk at 01:00.0 that the host uses (driver nvme).
+fn write_pci(root: &Path, nodes: usize) {
+    let gpu_node = if nodes > 1 { "1" } else { "0" };
+    let functions = [
+        (
+            "0000:01:00.0",
+            "0000:00:01.1",
+            "0x144d",
+            "0xa80a",
+            "0x010802",
+            "nvme",
+            "flr bus",
+            "0",
+        ),
+        (
+            "0000:0b:00.0",
+            "0000:00:03.1",
+            "0x10de",
+            "0x2204",
+            "0x030000",
+            "vfio-pci",
+            "bus",
+            gpu_node,
+        ),
+        (
+            "0000:0b:00.1",
+            "0000:00:03.1",
+            "0x10de",
+            "0x1aef",
+            "0x040300",
+            "vfio-pci",
+            "bus",
+            gpu_node,
+        ),
+    ];
+    put_empty(root, "sys/bus/pci/rescan");
+    for (id, bridge, vendor, device, class, driver, methods, numa) in functions {
+        let real = format!("sys/devices/pci0000:00/{bridge}/{id}");
+        for (file, value) in [
+            ("vendor", vendor),
+            ("device", device),
+            ("class", class),
+            ("numa_node", numa),
+            ("reset_method", methods),
+        ] {
+            put(root, &format!("{real}/{file}"), value);
+        }
+        put_empty(root, &format!("{real}/reset"));
+        put_empty(root, &format!("{real}/remove"));
+        let drivers = format!("sys/bus/pci/drivers/{driver}");
+        fs::create_dir_all(root.join(&drivers)).expect("drivers dir");
+        link(
+            root,
+            &format!("../../../../bus/pci/drivers/{driver}"),
+            &format!("{real}/driver"),
+        );
+        link(
+            root,
+            &format!("../../../devices/pci0000:00/{bridge}/{id}"),
+            &format!("sys/bus/pci/devices/{id}"),
+        );
+    }
+}
+
+fn link(root: &Path, target: &str, rel: &str) {
+    let path = root.join(rel);
+    fs::create_dir_all(path.parent().expect("parent")).expect("create fixture dir");
+    let _ = fs::remove_file(&path);
+    std::os::unix::fs::symlink(target, &path).expect("symlink");
 }
 
 /// The CPU vendor of a generated machine. The specs name none: SMT numbered siblings-last with
@@ -269,6 +363,12 @@ pub fn vendor(spec: &HostSpec) -> &'static str {
         "GenuineIntel"
     }
 }
+
+/// The `flags` of every example CPU (`pdpe1gb`: what 1 GiB hugepages need; AMD adds
+/// `topoext`).
+const FLAGS: &str = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 \
+    clflush mmx fxsr sse sse2 ht syscall nx pdpe1gb rdtscp lm constant_tsc nopl xtopology pni \
+    ssse3 cx16 sse4_1 sse4_2 x2apic popcnt aes xsave avx hypervisor lahf_lm";
 
 /// `/proc/cpuinfo` as x86's `show_cpuinfo` prints it, the fields pvetune may read (one block
 /// per online CPU, a blank line after each).
@@ -293,8 +393,14 @@ fn write_cpuinfo(root: &Path, spec: &HostSpec, cores: &[Core], online: &CpuSet) 
         text.push_str(&format!(
             "processor\t: {cpu}\nvendor_id\t: {vendor}\ncpu family\t: {family}\n\
              model name\t: {model}\nphysical id\t: {}\nsiblings\t: {siblings}\n\
-             core id\t\t: {}\ncpu cores\t: {ncores}\n\n",
-            core.package, core.core_id
+             core id\t\t: {}\ncpu cores\t: {ncores}\nflags\t\t: {FLAGS}{}\n\n",
+            core.package,
+            core.core_id,
+            if vendor == "AuthenticAMD" {
+                " topoext"
+            } else {
+                ""
+            }
         ));
     }
     // `put` adds the final newline; the kernel's last block ends with a blank line too.
@@ -494,6 +600,8 @@ fn write_nodes(root: &Path, spec: &HostSpec, cores: &[Core], online: &CpuSet, nb
             put(root, &format!("{h}/free_hugepages"), &nr.to_string());
             put(root, &format!("{h}/surplus_hugepages"), "0");
         }
+        // Write-only (0200) in the kernel: an empty file here.
+        put_empty(root, &format!("{dir}/compact"));
     }
     for size in sizes {
         let nr: u64 = spec
@@ -526,6 +634,7 @@ fn meminfo(id: usize, node: &NodeSpec) -> String {
         format!("Node {id} MemTotal:       {total:8} kB"),
         format!("Node {id} MemFree:        {free:8} kB"),
         format!("Node {id} MemUsed:        {:8} kB", total - free),
+        format!("Node {id} FilePages:      {:8} kB", total / 16),
         format!("Node {id} HugePages_Total: {huge:5}"),
         format!("Node {id} HugePages_Free:  {huge:5}"),
         format!("Node {id} HugePages_Surp:  {:5}", 0),

@@ -254,12 +254,17 @@ snapshot() {
 		done
 		echo "== hugepages"
 		dump /sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages
+		echo "== ksm"
+		dump /sys/kernel/mm/ksm/run
 		echo "== irqs"
 		dump /proc/irq/default_smp_affinity /proc/irq/*/smp_affinity_list
 		echo "== workqueue"
 		dump /sys/devices/virtual/workqueue/cpumask
 		echo "== pci"
 		echo /sys/bus/pci/devices/*
+		for c in /sys/bus/pci/devices/*/driver; do
+			[ -e "$c" ] && echo "$c -> $(readlink "$c")"
+		done
 		pidfile=/var/run/qemu-server/$vmid.pid
 		if [ -n "$vmid" ] && [ -r "$pidfile" ]; then
 			echo "== threads of VM $vmid"
