@@ -149,7 +149,8 @@ fn pool(root: &Path) -> String {
     read(root, POOL0).trim().to_string()
 }
 
-/// VM 202: like 201 with 8 GiB, on node 0 as well, no devices.
+/// VM 202: like 201 with 8 GiB, on node 0 as well, no devices, and a profile of memory keys
+/// only (no `cpus`: the VM owns no CPUs, the CPU tunables do nothing for it).
 fn second_vm(root: &Path) {
     let conf = read(root, "/etc/pve/qemu-server/201.conf")
         .replace("memory=16384", "memory=8192")
@@ -161,7 +162,7 @@ fn second_vm(root: &Path) {
     write(
         root,
         "/etc/pve/pvetune/202.yaml",
-        "cpus: 0-1\nhugepages:\n  reserve: true\nksm:\n  pause: true\n",
+        "hugepages:\n  reserve: true\nksm:\n  pause: true\n",
     );
 }
 
