@@ -103,7 +103,11 @@ enum Command {
 
 /// Runs pvetune with the process arguments; returns the exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let parsed = match hook_call(std::env::args_os().skip(1).collect()) {
+        Some(cli) => Ok(cli),
+        None => Cli::try_parse(),
+    };
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -135,6 +139,33 @@ fn print(lines: &[String]) -> Result<(), Error> {
         writeln!(out, "{line}").map_err(Error::Output)?;
     }
     out.flush().map_err(Error::Output)
+}
+
+/// The call qemu-server makes, `pvetune <vmid> <phase>` and nothing else, read without
+/// building clap's whole command tree: it runs inside every `qm start` of every VM, most of
+/// which have no profile (docs/performance.md, the fast path). The same `Cli` clap would give;
+/// anything else (an option, an odd word, an empty `PVETUNE_ROOT`) goes to clap.
+fn hook_call(args: Vec<std::ffi::OsString>) -> Option<Cli> {
+    let [vmid, phase] = args.as_slice() else {
+        return None;
+    };
+    let (vmid, phase) = (vmid.to_str()?, phase.to_str()?);
+    let canonical = !vmid.is_empty() && vmid.bytes().all(|b| b.is_ascii_digit());
+    if !canonical || phase.parse::<Phase>().is_err() {
+        return None;
+    }
+    let root = match std::env::var_os("PVETUNE_ROOT") {
+        None => PathBuf::from("/"),
+        Some(root) if !root.is_empty() => PathBuf::from(root),
+        Some(_) => return None,
+    };
+    Some(Cli {
+        root,
+        profile: None,
+        verbose: 0,
+        quiet: false,
+        command: Some(Command::Hook(vec![vmid.to_string(), phase.to_string()])),
+    })
 }
 
 fn init_logging(cli: &Cli) {
@@ -258,6 +289,28 @@ mod tests {
             " 100",
         ] {
             assert!(parse_vmid(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The hook call read without clap is exactly what clap reads, and nothing else is taken.
+    #[test]
+    fn the_hook_call_reads_as_clap_reads_it() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        for phase in ["pre-start", "post-start", "pre-stop", "post-stop"] {
+            let direct = hook_call(args(&["100", phase])).expect("a hook call");
+            let clap = Cli::try_parse_from(args(&["pvetune", "100", phase])).unwrap();
+            assert_eq!(format!("{direct:?}"), format!("{clap:?}"));
+        }
+        for other in [
+            &["100", "started"][..],
+            &["plan", "100"],
+            &["--quiet", "100"],
+            &["100"],
+            &["100", "pre-start", "x"],
+            &["1 00", "pre-start"],
+            &["", "pre-start"],
+        ] {
+            assert!(hook_call(args(other)).is_none(), "{other:?}");
         }
     }
 
