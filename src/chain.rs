@@ -88,7 +88,7 @@ pub fn hook<H: Host>(
     }
     if phase == Phase::PreStart {
         // The start is aborted: nothing of pvetune's may stay held for it.
-        match hook::rollback_command(env, host, vmid) {
+        match hook::undo_start(env, host, vmid) {
             Ok(line) => print(&[line])?,
             Err(e) => log::warn!("VM {vmid}: undoing pre-start after the chained script: {e}"),
         }

@@ -483,19 +483,36 @@ fn rollback_vm_with<H: Host>(
     Ok(applied)
 }
 
-/// `pvetune rollback <vmid>`: undo now, under the node lock.
+/// `pvetune rollback <vmid>`: undo now, under the node lock, boot-time hugepage reservations
+/// included (`pvetune reserve`).
 pub fn rollback_command<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<String, Error> {
+    rollback_now(env, host, vmid, true)
+}
+
+/// Undoes a start that was aborted after pvetune's pre-start (a chained hookscript refused
+/// it): what post-stop would undo, so a boot-time reservation stays kept for the VM.
+pub fn undo_start<H: Host>(env: &Env, host: &H, vmid: u32) -> Result<String, Error> {
+    rollback_now(env, host, vmid, false)
+}
+
+fn rollback_now<H: Host>(
+    env: &Env,
+    host: &H,
+    vmid: u32,
+    release_kept: bool,
+) -> Result<String, Error> {
     let store = Store::new(&env.root);
     let _lock = store.lock()?;
     let mut state = store.load()?;
-    let kept = state
-        .claims
-        .values()
-        .any(|c| c.holder(vmid).is_some_and(|h| h.kept()));
+    let kept = release_kept
+        && state
+            .claims
+            .values()
+            .any(|c| c.holder(vmid).is_some_and(|h| h.kept()));
     if !kept && !state.held_vms().contains(&vmid) {
         return Ok(format!("pvetune: VM {vmid}: nothing held"));
     }
-    let applied = rollback_vm_with(env, host, &store, &mut state, vmid, true);
+    let applied = rollback_vm_with(env, host, &store, &mut state, vmid, release_kept);
     if let Err(e) = store.compact(&mut state) {
         log::warn!("ledger journal not compacted ({e}); it stays valid and the next run folds it");
     }
