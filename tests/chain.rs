@@ -109,6 +109,48 @@ fn a_failing_chained_pre_start_aborts_the_start_with_its_code_and_pvetune_undoes
     assert!(stdout(&status).contains("pvetune holds nothing"));
 }
 
+/// A start the chained script aborts is undone as post-stop would undo it: the VM's boot-time
+/// hugepage reservation (`pvetune reserve`) stays kept for its next start; only `pvetune
+/// rollback` gives it back.
+#[test]
+fn an_aborted_start_keeps_the_vms_boot_time_reservation() {
+    let root = chained();
+    let pool = "/sys/devices/system/node/node1/hugepages/hugepages-1048576kB";
+    let conf = read(&root.path, "/etc/pve/qemu-server/100.conf");
+    write(
+        &root.path,
+        "/etc/pve/qemu-server/100.conf",
+        &format!("{conf}hugepages: 1024\n"),
+    );
+    let profile = read(&root.path, "/etc/pve/pvetune/100.yaml");
+    write(
+        &root.path,
+        "/etc/pve/pvetune/100.yaml",
+        &format!("{profile}hugepages:\n  boot: true\n"),
+    );
+    let out = run(&root.path, &["reserve"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read(&root.path, &format!("{pool}/nr_hugepages")).trim(),
+        "16"
+    );
+    // What the kernel's pool shows once it holds them (a fixture file does not follow).
+    write(&root.path, &format!("{pool}/free_hugepages"), "16\n");
+    let out = hook(&root, "pre-start", "7");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(
+        read(&root.path, &format!("{pool}/nr_hugepages")).trim(),
+        "16",
+        "kept for the VM's next start"
+    );
+    let out = run(&root.path, &["rollback", "100"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        read(&root.path, &format!("{pool}/nr_hugepages")).trim(),
+        "0"
+    );
+}
+
 #[test]
 fn pvetunes_own_failed_pre_start_does_not_run_the_chained_script() {
     let root = chained();
