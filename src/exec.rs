@@ -134,7 +134,8 @@ enum Intent {
     RemoveRescan {
         functions: Vec<(crate::pci::PciId, Option<String>)>,
         timeout: std::time::Duration,
-        previous: Option<Claim>,
+        /// Boxed as `Write::previous` is (it would make every intent of a batch this big).
+        previous: Option<Box<Claim>>,
     },
     Pin {
         thread: ThreadRef,
@@ -212,7 +213,7 @@ impl<'a, H: Host> Executor<'a, H> {
                         // Every function is back: nothing is left for a rollback to mend.
                         gone.push(Change::Claim {
                             path: PCI_RESCAN.to_string(),
-                            claim: previous.clone(),
+                            claim: previous.as_deref().cloned(),
                         });
                     }
                 }
@@ -482,5 +483,18 @@ fn pin_error(thread: &ThreadRef, cpus: &CpuSet, source: io::Error) -> ExecError 
         cpus: cpus.clone(),
         source,
         hint,
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// A batch keeps an intent per change (one per IRQ): no variant may make them all big.
+    #[test]
+    fn an_intent_stays_small() {
+        assert!(
+            std::mem::size_of::<super::Intent>() <= 112,
+            "{}",
+            std::mem::size_of::<super::Intent>()
+        );
     }
 }

@@ -225,7 +225,7 @@ impl<H: Host> Executor<'_, H> {
                     intents.push(Intent::RemoveRescan {
                         functions: functions.clone(),
                         timeout: std::time::Duration::from_millis(*timeout_ms),
-                        previous,
+                        previous: previous.map(Box::new),
                     });
                 }
                 Action::Pin { thread, cpus } => {

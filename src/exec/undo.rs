@@ -76,7 +76,7 @@ impl<H: Host> Executor<'_, H> {
                 Intent::Move { .. } | Intent::Expect { .. } | Intent::Trigger { .. } => continue,
                 Intent::RemoveRescan { previous, .. } if i > failed => Ok(Change::Claim {
                     path: super::PCI_RESCAN.to_string(),
-                    claim: previous.clone(),
+                    claim: previous.as_deref().cloned(),
                 }),
                 Intent::RemoveRescan {
                     functions,
@@ -87,7 +87,7 @@ impl<H: Host> Executor<'_, H> {
                     let ids: Vec<_> = functions.iter().map(|(id, _)| *id).collect();
                     self.rescan_missing(&ids).map(|()| Change::Claim {
                         path: super::PCI_RESCAN.to_string(),
-                        claim: previous.clone(),
+                        claim: previous.as_deref().cloned(),
                     })
                 }
                 Intent::Pin {
