@@ -327,8 +327,12 @@ fn write_pci(root: &Path, nodes: usize) {
         }
         put_empty(root, &format!("{real}/reset"));
         put_empty(root, &format!("{real}/remove"));
+        // The driver's directory with its write-only attributes, as the kernel has them (and
+        // so that git keeps the directory of an example host).
         let drivers = format!("sys/bus/pci/drivers/{driver}");
-        fs::create_dir_all(root.join(&drivers)).expect("drivers dir");
+        for attr in ["bind", "unbind", "new_id", "remove_id", "uevent"] {
+            put_empty(root, &format!("{drivers}/{attr}"));
+        }
         link(
             root,
             &format!("../../../../bus/pci/drivers/{driver}"),
