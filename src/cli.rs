@@ -27,7 +27,7 @@ Exit codes:
 #[command(
     name = "pvetune",
     version,
-    about = "Tunes a Proxmox VE host for a latency-sensitive VM: pinning, an isolated cpuset partition, IRQs and irqbalance off its CPUs, governor, sysctls, with full rollback",
+    about = "Tunes a Proxmox VE host for a latency-sensitive VM: CPUs placed by topology, pinning, an isolated cpuset partition, IRQs and irqbalance off its CPUs, governor, sysctls, hugepages, KSM, PCI reset, with full rollback",
     override_usage = "pvetune [OPTIONS] <VMID> <PHASE>\n       pvetune [OPTIONS] <COMMAND>",
     after_help = AFTER_HELP
 )]

@@ -6,8 +6,8 @@
 
 mod common;
 
+use common::TempDir;
 use common::hostgen::{self, CpuFreqSpec, HostSpec, NodeSpec, Numbering, write_host};
-use common::{TempDir, extract_capture, peer_data};
 use pvetune::cpuset::CpuSet;
 use pvetune::placement::{Ask, DeviceNode, Placed, place};
 use pvetune::profile::{PlaceRequest, SmtPolicy, Within};
@@ -380,13 +380,7 @@ fn performance_only_and_host_cores() {
 
 /// Real sysfs from hwloc's test suite, read as it is.
 fn capture(rel: &str) -> Option<(TempDir, Topology)> {
-    let Some(peer) = peer_data() else {
-        println!("skipped: ../shared/peer-data not present");
-        return None;
-    };
-    let (dir, root) = extract_capture(&peer.join(rel));
-    let topo = Topology::read(&root).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    Some((dir, topo))
+    common::read_capture(rel).map(|(dir, _, topo)| (dir, topo))
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use common::TempDir;
 use common::hostgen::{self, HostSpec, write_host};
-use common::{TempDir, extract_capture, peer_data};
 use pvetune::cpuset::CpuSet;
 use pvetune::topology::{Cpu, CpuKind, HugePool, NumaNode, Topology, TopologyError};
 
@@ -299,12 +299,7 @@ fn online_cpu_without_topology_is_its_own_core() {
 
 /// Reads one capture, or `None` (after saying why) when peer-data is absent.
 fn capture(rel: &str) -> Option<(TempDir, Topology)> {
-    let Some(peer) = peer_data() else {
-        println!("skipped: ../shared/peer-data not present");
-        return None;
-    };
-    let (dir, root) = extract_capture(&peer.join(rel));
-    let topo = Topology::read(&root).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let (dir, root, topo) = common::read_capture(rel)?;
     read_for_is_read_restricted(&root, &topo);
     Some((dir, topo))
 }

@@ -112,6 +112,19 @@ pub fn extract_capture(archive: &Path) -> (TempDir, PathBuf) {
     (dir, root)
 }
 
+/// One capture of peer-data (`rel` below it) extracted and read as a `Topology`: the temp dir,
+/// the root its `sys/` is under, and the topology. `None` (after saying why) when peer-data
+/// is absent.
+pub fn read_capture(rel: &str) -> Option<(TempDir, PathBuf, pvetune::topology::Topology)> {
+    let Some(peer) = peer_data() else {
+        println!("skipped: ../shared/peer-data not present");
+        return None;
+    };
+    let (dir, root) = extract_capture(&peer.join(rel));
+    let topo = pvetune::topology::Topology::read(&root).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    Some((dir, root, topo))
+}
+
 fn find_sys_root(dir: &Path) -> Option<PathBuf> {
     if dir.join("sys/devices/system/cpu").is_dir() {
         return Some(dir.to_path_buf());
