@@ -17,6 +17,8 @@ pub const VCPUS: &str = "vcpus";
 pub const CONTROLLERS: &str = "cgroup.controllers";
 pub const SUBTREE_CONTROL: &str = "cgroup.subtree_control";
 pub const EXCLUSIVE: &str = "cpuset.cpus.exclusive";
+/// Written only on kernels before 6.12 (`CgroupFacts::exclusive_needs_cpus`).
+pub const CPUS: &str = "cpuset.cpus";
 pub const PARTITION: &str = "cpuset.cpus.partition";
 /// Root only, read only, from 6.8 on: the CPUs of every isolated partition.
 pub const ROOT_ISOLATED: &str = "/sys/fs/cgroup/cpuset.cpus.isolated";
@@ -83,10 +85,11 @@ impl CgroupFacts {
     }
 
     /// Whether the kernel derives a partition's exclusive CPUs from `cpuset.cpus` too, so
-    /// that every ancestor would need `cpuset.cpus` covering them (6.8: isolation-facts.md
-    /// section 2; from 6.12, the first kernel the lab proves, the exclusive chain alone is
-    /// enough). No file tells the two apart without writing, so this is the one decision
-    /// taken from the version: a release that cannot be read counts as old.
+    /// that every cgroup of the chain needs `cpuset.cpus` covering them (6.8, proven by the
+    /// lab: docs/kernel-facts.md, "partition.needs-cpus"; from 6.12 the exclusive chain alone
+    /// is enough). No file tells the two apart without writing, so this is the one decision
+    /// taken from the version: a release that cannot be read counts as old, which is the safe
+    /// side (the 6.8 layout also works on later kernels; it only writes more).
     pub fn exclusive_needs_cpus(&self) -> bool {
         let mut parts = self
             .kernel

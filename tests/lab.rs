@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use boot::{Accel, Guest};
 use cache::{Apt, Cache};
 use initramfs::Payload;
-use matrix::{Flavour, Run, Versions};
+use matrix::{Flavour, Origin, Run, Versions};
 use util::{Ctx, LabResult};
 
 /// Boots a run may take when the guest kernel crashes before the first scenario.
@@ -87,6 +87,10 @@ fn say(line: &str) {
 struct Lab {
     cache: Cache,
     apt: Apt,
+    /// For cells whose kernel is Ubuntu's; made when the first such run needs it.
+    ubuntu_apt: std::sync::OnceLock<LabResult<Apt>>,
+    ubuntu_suites: Vec<String>,
+    ubuntu_keyring: Option<matrix::Pin>,
     busybox: PathBuf,
     /// `PVETUNE_LAB_SCENARIOS`.
     only: String,
@@ -126,6 +130,9 @@ fn lab() -> LabResult<String> {
     let lab = Lab {
         cache,
         apt,
+        ubuntu_apt: std::sync::OnceLock::new(),
+        ubuntu_suites: versions.ubuntu_suites.clone(),
+        ubuntu_keyring: versions.tool("ubuntu-keyring").ok().cloned(),
         busybox,
         only: std::env::var("PVETUNE_LAB_SCENARIOS").unwrap_or_default(),
     };
@@ -217,7 +224,22 @@ fn run_one(lab: &Lab, run: &Run) -> LabResult<Passed> {
     let id = run.id();
     let kernel = {
         let lock = lab.cache.lock("packages")?;
-        lab.cache.kernel(&lock, &lab.apt, &run.cell.kernel)?
+        let apt = match run.cell.origin {
+            Origin::Debian => &lab.apt,
+            Origin::Ubuntu => lab
+                .ubuntu_apt
+                .get_or_init(|| {
+                    let pin = lab.ubuntu_keyring.as_ref().ok_or(
+                        "tests/lab/versions: a cell's kernel comes from Ubuntu, and there is \
+                         no `tool ubuntu-keyring <version>` line",
+                    )?;
+                    let keyring = lab.cache.package(&lock, &lab.apt, pin)?;
+                    Ok(Apt::ubuntu(&lab.cache, &lab.ubuntu_suites, &keyring))
+                })
+                .as_ref()
+                .map_err(|e| e.clone())?,
+        };
+        lab.cache.kernel(&lock, apt, &run.cell.kernel)?
     };
     let image = match run.flavour {
         Flavour::Busybox => None,
@@ -267,7 +289,7 @@ fn run_one(lab: &Lab, run: &Run) -> LabResult<Passed> {
     let guest = Guest {
         kernel: &kernel.vmlinuz,
         initrd: &initrd,
-        disk: image.as_ref().map(|i| i.path.as_path()),
+        disk: image.as_ref().map(|i| (i.path.as_path(), run.cell.disk)),
         append,
         limit: boot_allowance(run.flavour) + scenario_limits(run, &lab.only)?,
         workdir: &workdir,

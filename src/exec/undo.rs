@@ -103,6 +103,8 @@ impl<H: Host> Executor<'_, H> {
             };
             match undone {
                 Ok(change) => changes.push(change),
+                // Kept in the ledger as the batch recorded it; a later rollback gives it back.
+                Err(e) if deferrable(&e) => log::info!("undo after failure: {e} (for now)"),
                 Err(e) => log::error!("undo after failure: {e}"),
             }
         }
@@ -141,9 +143,26 @@ impl<H: Host> Executor<'_, H> {
             .collect();
         paths.sort_unstable();
         let paths: Vec<String> = paths.into_iter().map(|(_, p)| p.clone()).collect();
+        let mut deferred = Vec::new();
         for path in paths.iter().rev() {
             match self.release_claim(path) {
                 Ok(change) => changes.extend(change),
+                Err(e) if deferrable(&e) => deferred.push(path),
+                Err(e) => errors.push(e),
+            }
+        }
+        // Once more after the rest: the cgroup may have emptied meanwhile (its threads went
+        // to the parent with the `vcpus` cgroup) or be gone.
+        for path in deferred {
+            match self.release_claim(path) {
+                Ok(change) => changes.extend(change),
+                Err(e) if deferrable(&e) => log::info!(
+                    "VM {}: {path} keeps its CPUs for now: the kernel refuses to empty \
+                     cpuset.cpus while the cgroup has tasks (ENOSPC, kernels before 6.12); \
+                     the claim stays and the next pvetune run on this node gives it back once \
+                     the cgroup is empty",
+                    self.vmid
+                ),
                 Err(e) => errors.push(e),
             }
         }
@@ -303,4 +322,16 @@ impl<H: Host> Executor<'_, H> {
             Err(e) => Err(pin_error(&thread, cpus, e)),
         }
     }
+}
+
+/// A release the kernel refuses for now, not for good: emptying `cpuset.cpus` of a cgroup
+/// that has tasks is ENOSPC up to 6.17 (and pvetune writes `cpuset.cpus` only on 6.8-era
+/// kernels). The claim stays in the ledger and a later run gives it back, once the cgroup is
+/// empty or gone; until then it holds what pvetune set, every online CPU, which is what an
+/// empty `cpuset.cpus` means to the tasks in it.
+fn deferrable(e: &ExecError) -> bool {
+    matches!(e, ExecError::Write { path, value, source }
+        if path.ends_with(&format!("/{}", crate::cgroup::CPUS))
+            && value.trim().is_empty()
+            && source.raw_os_error() == Some(nix::libc::ENOSPC))
 }

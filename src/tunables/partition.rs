@@ -2,15 +2,27 @@
 //! alone on its CPUs, every other task of the host (its slices, other VMs, containers, the
 //! VM's own emulator threads and iothreads) off them, by the kernel.
 //!
-//! The layout, proven by the lab on 6.12, 6.17 and 7.0 with systemd 252 and 257
+//! The layout, proven by the lab on 6.8, 6.12, 6.17 and 7.0 with systemd 252 and 257
 //! (docs/kernel-facts.md; docs/design.md has the picture): a threaded child `vcpus` of
 //! QEMU's own `qemu.slice/<vmid>.scope` (QEMU never leaves its scope: Proxmox's stats and stop
 //! use it) is a *remote* isolated partition. That needs the cpuset controller on the way down,
-//! and the VM's CPUs in `cpuset.cpus.exclusive` of `qemu.slice`, the scope and `vcpus`;
-//! `cpuset.cpus` is never written. `qemu.slice`'s exclusive CPUs are a composed claim (the
-//! union of every isolated VM's), so VMs start and stop in any order without invalidating one
-//! another. `+cpuset` in `vcpus/cgroup.subtree_control` keeps systemd 252 from removing the
-//! partition on `daemon-reload`.
+//! and the VM's CPUs in `cpuset.cpus.exclusive` of `qemu.slice`, the scope and `vcpus`.
+//! `qemu.slice`'s exclusive CPUs are a composed claim (the union of every isolated VM's), so
+//! VMs start and stop in any order without invalidating one another. `+cpuset` in
+//! `vcpus/cgroup.subtree_control` keeps systemd 252 from removing the partition on
+//! `daemon-reload`.
+//!
+//! From 6.12 `cpuset.cpus` is never written. Kernel 6.8 (Proxmox VE 8's default) takes a
+//! cgroup's exclusive CPUs as `exclusive ∩ cpuset.cpus ∩ parent's`, so there every cgroup of
+//! the chain also needs `cpuset.cpus` covering the CPUs, or the partition reads back
+//! `isolated invalid (cpuset.cpus is empty)`. `qemu.slice` and the scope get every online CPU
+//! (which changes no task's CPUs: an empty `cpuset.cpus` means the parent's), `vcpus` the VM's.
+//! 6.8 checks a cgroup against its siblings by its exclusive CPUs once it has some, else by
+//! its `cpuset.cpus`, so each `cpuset.cpus` is written right after its exclusive CPUs and two
+//! isolated VMs' scopes never conflict.
+//! It refuses an empty `cpuset.cpus` on a cgroup that has tasks (ENOSPC), so those two are
+//! given back once the cgroup is empty: the scope's goes with the scope, `qemu.slice`'s is
+//! released when its last VM has stopped (exec/undo.rs, "deferred").
 //!
 //! Planned for post-start: the scope exists only once QEMU runs. The partition file is read
 //! back twice (the kernel accepts the write and says only on reading whether it made the
@@ -19,7 +31,7 @@
 //! inside their partition and the emulator threads on the housekeeping CPUs the scope keeps.
 
 use crate::cgroup::{
-    CGROUP_ROOT, EXCLUSIVE, PARTITION, QEMU_SLICE, SUBTREE_CONTROL, VCPUS, scope_of,
+    CGROUP_ROOT, CPUS, EXCLUSIVE, PARTITION, QEMU_SLICE, SUBTREE_CONTROL, VCPUS, scope_of,
 };
 use crate::cpuset::CpuSet;
 use crate::plan::{Action, Inputs, Plan, PlanError, Skip, Step, ThreadRef};
@@ -71,18 +83,6 @@ pub fn validate(inp: &Inputs) -> Result<(), PlanError> {
             format!(
                 "{kernel} has no cpuset.cpus.exclusive or remote partitions \
                  ({CGROUP_ROOT}/cpuset.cpus.isolated is missing; they came with Linux 6.7)"
-            ),
-        ));
-    }
-    if cgroup.exclusive_needs_cpus() {
-        return Err(PlanError::at(
-            KEY,
-            place,
-            format!(
-                "{kernel} derives a partition's exclusive CPUs from cpuset.cpus too, so every \
-                 ancestor up to qemu.slice would need cpuset.cpus set (the 6.8 behaviour); pvetune \
-                 builds partitions on 6.12 and later only: install proxmox-kernel-6.14 (or later) \
-                 on Proxmox VE 8, or drop isolation.partition"
             ),
         ));
     }
@@ -163,23 +163,49 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
             value: "isolated".into(),
         })
     };
+    // 6.8: `cpuset.cpus` on the chain too, each right after its exclusive CPUs: a cgroup with
+    // exclusive CPUs is checked against its siblings by those, one without by its `cpuset.cpus`
+    // (every online CPU, which would clash with another isolated VM's scope).
+    let needs_cpus = inp
+        .facts
+        .cgroup
+        .as_ref()
+        .is_some_and(|c| c.exclusive_needs_cpus());
+    let online = &inp.topology.online;
+    let cpus_of = |dir: &str, value: &CpuSet| {
+        needs_cpus.then(|| write(format!("{dir}/{CPUS}"), value.to_string()))
+    };
     plan.steps.extend([
         enable(CGROUP_ROOT),
         enable(QEMU_SLICE),
         enable(&scope),
         // The cpuset files of qemu.slice and the scope exist only from here.
         step(Action::Barrier),
-        step(Action::Include {
-            path: format!("{QEMU_SLICE}/{EXCLUSIVE}"),
-            cpus: cpus.clone(),
-        }),
-        write(format!("{scope}/{EXCLUSIVE}"), cpus.to_string()),
+    ]);
+    plan.steps.push(step(Action::Include {
+        path: format!("{QEMU_SLICE}/{EXCLUSIVE}"),
+        cpus: cpus.clone(),
+    }));
+    if needs_cpus {
+        // A union like the exclusive CPUs: every isolated VM holds it, the last one gives it back.
+        plan.steps.push(step(Action::Include {
+            path: format!("{QEMU_SLICE}/{CPUS}"),
+            cpus: online.clone(),
+        }));
+    }
+    plan.steps
+        .push(write(format!("{scope}/{EXCLUSIVE}"), cpus.to_string()));
+    plan.steps.extend(cpus_of(&scope, online));
+    plan.steps.extend([
         step(Action::Mkdir {
             path: vcpus.clone(),
             kind: "threaded",
         }),
         step(Action::Barrier),
         write(format!("{vcpus}/{EXCLUSIVE}"), cpus.to_string()),
+    ]);
+    plan.steps.extend(cpus_of(&vcpus, cpus));
+    plan.steps.extend([
         // The pin: systemd 252 removes a child partition without it on daemon-reload.
         enable(&vcpus),
         write(format!("{vcpus}/{PARTITION}"), "isolated".into()),
@@ -211,6 +237,14 @@ pub fn plan(inp: &Inputs, plan: &mut Plan) {
          the host's slices, other VMs, containers and this VM's emulator threads leave them by \
          themselves (the kernel), so no AllowedCPUs is written anywhere"
     ));
+    if needs_cpus {
+        let kernel = &inp.facts.cgroup.as_ref().map_or("", |c| c.kernel.as_str());
+        plan.notes.push(format!(
+            "partition: kernel {kernel} also needs cpuset.cpus on qemu.slice, the scope and vcpus \
+             (the 6.8 behaviour); it refuses to empty cpuset.cpus again while the cgroup has \
+             tasks, so qemu.slice's is given back once its last VM has stopped"
+        ));
+    }
     plan.notes.push(format!(
         "workqueues: the kernel takes CPUs {cpus} out of the unbound workqueue mask when the \
          partition is made; nothing is written (a restore would give another VM's CPUs back)"

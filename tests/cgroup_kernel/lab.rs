@@ -27,6 +27,23 @@ pub fn set(s: &str) -> CpuSet {
     s.parse().unwrap()
 }
 
+/// Every order of `items` (the stop orders of several VMs).
+pub fn permutations(items: &[u32]) -> Vec<Vec<u32>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut out = Vec::new();
+    for (i, &first) in items.iter().enumerate() {
+        let mut rest = items.to_vec();
+        rest.remove(i);
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first);
+            out.push(tail);
+        }
+    }
+    out
+}
+
 pub struct Lab {
     pub dir: fixture::Root,
     pub kernel: CgroupKernel,
@@ -41,7 +58,8 @@ impl Lab {
             "/proc/sys/kernel/osrelease",
             &format!("{kernel_release}\n"),
         );
-        let kernel = CgroupKernel::new(&dir.path, &set(ALL));
+        let mut kernel = CgroupKernel::new(&dir.path, &set(ALL));
+        kernel.v6_8 = kernel_release.starts_with("6.8.");
         let env = Env {
             root: Root::new(dir.path.clone()),
             profile: None,

@@ -3,7 +3,7 @@
 //! takes `+word`/`-word`, `cgroup.threads` moves a thread, `cpuset.cpus.partition` is read
 //! back valid or `isolated invalid (<reason>)`, effective CPU sets and thread affinities follow
 //! partitions, and `sched_setaffinity` fails with EINVAL outside a thread's cpuset, as on
-//! 6.12 to 7.0 (docs/kernel-facts.md; `cpuset.c`). Its rules are the strict reading where
+//! 6.12 to 7.0 (docs/kernel-facts.md; `cpuset.c`), or with 6.8's extra rules (v6_8.rs). Its rules are the strict reading where
 //! kernels differ (a child's exclusive CPUs must stay inside its parent's), so an order of
 //! steps that passes here passes on every kernel of the lab matrix. The real kernels are the
 //! lab's job (tests/lab/scenarios/50-isolation-partition.sh); this is for combinatorics:
@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod lab;
+mod v6_8;
 
 use pvetune::cpuset::CpuSet;
 use pvetune::host::Host;
@@ -37,6 +38,9 @@ pub struct CgroupKernel {
     partitions: RefCell<BTreeMap<String, String>>,
     /// A reason to make the next `isolated` partition invalid with (a kernel that refuses).
     pub refuse_partition: RefCell<Option<String>>,
+    /// Kernel 6.8's rules on top (v6_8.rs): `cpuset.cpus` on the whole chain, siblings
+    /// checked by their `cpuset.cpus` too.
+    pub v6_8: bool,
 }
 
 fn err(errno: i32) -> io::Error {
@@ -55,6 +59,7 @@ impl CgroupKernel {
             requested: RefCell::default(),
             partitions: RefCell::default(),
             refuse_partition: RefCell::default(),
+            v6_8: false,
         };
         let root = k.dir("");
         // The fixture's static tree is replaced by this live one.
@@ -225,6 +230,9 @@ impl CgroupKernel {
         };
         if !chain_ok {
             return Err("Invalid cpu list in cpuset.cpus.exclusive".into());
+        }
+        if self.v6_8 {
+            self.verdict_6_8(cg, &mine)?;
         }
         let others: CpuSet = self
             .partitions
@@ -517,7 +525,11 @@ impl CgroupKernel {
                 return Err(err(nix::libc::EINVAL));
             }
         }
-        if let Some(p) = Self::parent(cg) {
+        if self.v6_8 {
+            if !set.is_empty() && self.sibling_conflict_6_8(cg, &set, true) {
+                return Err(err(nix::libc::EINVAL));
+            }
+        } else if let Some(p) = Self::parent(cg) {
             for sib in self.children(&p).into_iter().filter(|s| s != cg) {
                 if !self
                     .list(&sib, "cpuset.cpus.exclusive")
@@ -575,6 +587,7 @@ impl Host for CgroupKernel {
                 self.attach(tid, &cg)
             }
             "cpuset.cpus.exclusive" => self.write_exclusive(&cg, value),
+            "cpuset.cpus" => self.write_cpus(&cg, value),
             "cpuset.cpus.partition" => {
                 match value.trim() {
                     "isolated" => {

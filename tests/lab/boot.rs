@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::matrix::Disk;
 use crate::util::{Ctx, LabResult};
 
 /// How the guest's CPUs are emulated.
@@ -23,9 +24,9 @@ pub enum Accel {
 pub struct Guest<'a> {
     pub kernel: &'a Path,
     pub initrd: &'a Path,
-    /// A raw ext4 image attached as an NVMe disk (/dev/nvme0n1), opened with snapshot=on
-    /// (never written).
-    pub disk: Option<&'a Path>,
+    /// A raw ext4 image attached as an NVMe disk (/dev/nvme0n1) or a virtio one (/dev/vda),
+    /// opened with snapshot=on (never written).
+    pub disk: Option<(&'a Path, Disk)>,
     pub append: String,
     pub limit: Duration,
     /// Where console.log, results.log and qemu.log go.
@@ -185,9 +186,10 @@ impl Guest<'_> {
             // in sched_clock_cpu).
             format!("console=ttyS0 panic=-1 tsc=unstable {}", self.append),
         ]);
-        if let Some(disk) = self.disk {
-            // NVMe, not virtio-blk: the cloud kernels have NVMe built in, virtio_blk is a
-            // module (and 7.0's modules are not on every mirror).
+        if let Some((disk, kind)) = self.disk {
+            // A driver the kernel has built in: Debian's cloud kernels have NVMe, virtio_blk
+            // is a module (and 7.0's modules are not on every mirror); Ubuntu's generic kernel
+            // is the other way round. The guest's init mounts whichever appears.
             args.extend([
                 "-drive".into(),
                 format!(
@@ -195,7 +197,10 @@ impl Guest<'_> {
                     disk.display()
                 ),
                 "-device".into(),
-                "nvme,drive=root,serial=lab-root".into(),
+                match kind {
+                    Disk::Nvme => "nvme,drive=root,serial=lab-root".into(),
+                    Disk::Virtio => "virtio-blk-pci,drive=root,serial=lab-root".into(),
+                },
             ]);
         }
         args

@@ -21,6 +21,9 @@ use crate::util::{Ctx, LabResult, run_cmd};
 const DEFAULT_CACHE_DIR: &str = "/var/cache/pvetune-lab";
 const COMPLETE_MARKER: &str = ".complete";
 pub const MIRROR: &str = "http://deb.debian.org/debian";
+const UBUNTU_MIRROR: &str = "http://archive.ubuntu.com/ubuntu";
+/// In Debian's `ubuntu-keyring` package: the key Ubuntu's archive signs its Release files with.
+pub const UBUNTU_KEYRING: &str = "usr/share/keyrings/ubuntu-archive-keyring.gpg";
 
 /// The cache directory, created if needed.
 pub struct Cache {
@@ -101,15 +104,49 @@ impl Cache {
 /// are never read or changed.
 pub struct Apt {
     dir: PathBuf,
-    suites: Vec<String>,
+    /// The `sources.list` lines.
+    sources: String,
     updated: OnceLock<Result<(), String>>,
 }
 
 impl Apt {
+    /// Debian's suites, checked against this machine's Debian archive keyring.
     pub fn new(cache: &Cache, suites: &[String]) -> Apt {
+        let sources = suites
+            .iter()
+            .map(|s| {
+                let base = if s.ends_with("-security") {
+                    "http://deb.debian.org/debian-security"
+                } else {
+                    MIRROR
+                };
+                format!("deb {base} {s} main\n")
+            })
+            .collect();
         Apt {
             dir: cache.dir().join("apt"),
-            suites: suites.to_vec(),
+            sources,
+            updated: OnceLock::new(),
+        }
+    }
+
+    /// Ubuntu's suites, in a configuration of their own, checked against the keyring of
+    /// Debian's `ubuntu-keyring` package unpacked at `keyring_pkg` (so the chain of trust
+    /// starts at this machine's Debian keyring).
+    pub fn ubuntu(cache: &Cache, suites: &[String], keyring_pkg: &Path) -> Apt {
+        let keyring = keyring_pkg.join(UBUNTU_KEYRING);
+        let sources = suites
+            .iter()
+            .map(|s| {
+                format!(
+                    "deb [signed-by={}] {UBUNTU_MIRROR} {s} main\n",
+                    keyring.display()
+                )
+            })
+            .collect();
+        Apt {
+            dir: cache.dir().join("apt-ubuntu"),
+            sources,
             updated: OnceLock::new(),
         }
     }
@@ -148,20 +185,8 @@ impl Apt {
                     let path = self.dir.join(sub);
                     fs::create_dir_all(&path).ctx(|| format!("creating {}", path.display()))?;
                 }
-                let sources: String = self
-                    .suites
-                    .iter()
-                    .map(|s| {
-                        let base = if s.ends_with("-security") {
-                            "http://deb.debian.org/debian-security"
-                        } else {
-                            MIRROR
-                        };
-                        format!("deb {base} {s} main\n")
-                    })
-                    .collect();
                 let path = self.dir.join("sources.list");
-                fs::write(&path, sources).ctx(|| format!("writing {}", path.display()))?;
+                fs::write(&path, &self.sources).ctx(|| format!("writing {}", path.display()))?;
                 let path = self.dir.join("preferences");
                 fs::write(&path, "").ctx(|| format!("writing {}", path.display()))?;
                 run_cmd(
@@ -195,8 +220,9 @@ impl Apt {
 }
 
 /// An unpacked kernel package: the image the lab boots. No modules are needed: the systemd
-/// flavour's root disk is NVMe, built into Debian's cloud kernels (and from 7.0 the modules
-/// are a package of their own, which the mirror does not always carry).
+/// flavour's root disk is attached to a driver the kernel has built in (NVMe for Debian's
+/// cloud kernels, virtio-blk for Ubuntu's generic one; from 7.0 Debian's modules are a package
+/// of their own, which the mirror does not always carry).
 pub struct Kernel {
     pub version: String,
     pub vmlinuz: PathBuf,

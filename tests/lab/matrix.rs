@@ -21,12 +21,32 @@ impl fmt::Display for Pin {
     }
 }
 
+/// Where a cell's kernel package comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Origin {
+    Debian,
+    /// archive.ubuntu.com, checked against Debian's `ubuntu-keyring` package (Proxmox's 6.8
+    /// kernel is Ubuntu's 6.8; Debian never shipped 6.8 in a suite that is still mirrored).
+    Ubuntu,
+}
+
+/// How the systemd flavour's root image is attached: to a driver the kernel has built in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Disk {
+    /// Debian's cloud kernels: NVMe built in, virtio_blk a module.
+    Nvme,
+    /// Ubuntu's generic kernel: virtio_blk built in, NVMe a module.
+    Virtio,
+}
+
 /// One Proxmox VE release as the lab stands it in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cell {
     /// `pve8`, `pve9.1`, ...
     pub name: String,
     pub kernel: Pin,
+    pub origin: Origin,
+    pub disk: Disk,
     /// The suite the systemd flavour's root filesystem is debootstrapped from.
     pub suite: String,
     /// The systemd major version that suite must bring (checked after debootstrap).
@@ -37,6 +57,8 @@ pub struct Cell {
 #[derive(Debug, Default, PartialEq)]
 pub struct Versions {
     pub suites: Vec<String>,
+    /// Ubuntu suites (`ubuntu <suite>` lines), read only for cells with `kernel-from=ubuntu`.
+    pub ubuntu_suites: Vec<String>,
     pub cells: Vec<Cell>,
     pub tools: Vec<Pin>,
 }
@@ -61,24 +83,41 @@ impl Versions {
             match words.as_slice() {
                 [] => {}
                 ["suite", name] => v.suites.push(name.to_string()),
-                ["cell", name, pkg, version, suite, systemd] => v.cells.push(Cell {
-                    name: name.to_string(),
-                    kernel: Pin {
-                        name: pkg.to_string(),
-                        version: version.to_string(),
-                    },
-                    suite: suite.to_string(),
-                    systemd: systemd
-                        .parse()
-                        .map_err(|_| bad("the systemd major is not a number"))?,
-                }),
+                ["ubuntu", name] => v.ubuntu_suites.push(name.to_string()),
+                ["cell", name, pkg, version, suite, systemd, options @ ..] => {
+                    let mut cell = Cell {
+                        name: name.to_string(),
+                        kernel: Pin {
+                            name: pkg.to_string(),
+                            version: version.to_string(),
+                        },
+                        origin: Origin::Debian,
+                        disk: Disk::Nvme,
+                        suite: suite.to_string(),
+                        systemd: systemd
+                            .parse()
+                            .map_err(|_| bad("the systemd major is not a number"))?,
+                    };
+                    for option in options {
+                        match *option {
+                            "kernel-from=ubuntu" => cell.origin = Origin::Ubuntu,
+                            "disk=virtio" => cell.disk = Disk::Virtio,
+                            _ => {
+                                return Err(bad(&format!(
+                                    "unknown cell option '{option}'; expected kernel-from=ubuntu or disk=virtio"
+                                )));
+                            }
+                        }
+                    }
+                    v.cells.push(cell);
+                }
                 ["tool", pkg, version] => v.tools.push(Pin {
                     name: pkg.to_string(),
                     version: version.to_string(),
                 }),
                 _ => {
                     return Err(bad(
-                        "expected `suite <name>`, `cell <name> <kernel package> <version> <suite> <systemd>` or `tool <package> <version>`",
+                        "expected `suite <name>`, `ubuntu <suite>`, `cell <name> <kernel package> <version> <suite> <systemd> [options]` or `tool <package> <version>`",
                     ));
                 }
             }
@@ -87,6 +126,12 @@ impl Versions {
             return Err("no `cell` line".into());
         }
         for cell in &v.cells {
+            if cell.origin == Origin::Ubuntu && v.ubuntu_suites.is_empty() {
+                return Err(format!(
+                    "cell {}: its kernel comes from Ubuntu, and there is no `ubuntu <suite>` line",
+                    cell.name
+                ));
+            }
             if !v.suites.contains(&cell.suite) {
                 return Err(format!(
                     "cell {}: its suite {} has no `suite` line",
@@ -197,6 +242,8 @@ mod tests {
                     name: "linux-image-6.17.1".into(),
                     version: "6.17.1-1".into()
                 },
+                origin: Origin::Debian,
+                disk: Disk::Nvme,
                 suite: "trixie".into(),
                 systemd: 257,
             }
@@ -210,6 +257,24 @@ mod tests {
         assert!(err.starts_with("line 2:"), "{err}");
         let err = Versions::parse("cell x k 1 sid 257\n").unwrap_err();
         assert!(err.contains("sid has no `suite` line"), "{err}");
+        let err = Versions::parse("suite a\ncell x k 1 a 252 disk=scsi\n").unwrap_err();
+        assert!(err.contains("unknown cell option 'disk=scsi'"), "{err}");
+        let err = Versions::parse("suite a\ncell x k 1 a 252 kernel-from=ubuntu\n").unwrap_err();
+        assert!(err.contains("no `ubuntu <suite>` line"), "{err}");
+    }
+
+    #[test]
+    fn an_ubuntu_cell_takes_its_kernel_from_ubuntu_on_a_virtio_disk() {
+        let v = Versions::parse(
+            "suite bookworm\nubuntu noble-updates\n\
+             cell k68 linux-image-6.8.0-1-generic 6.8.0-1.1 bookworm 252 kernel-from=ubuntu disk=virtio\n",
+        )
+        .unwrap();
+        assert_eq!(v.ubuntu_suites, ["noble-updates"]);
+        assert_eq!(
+            (v.cells[0].origin, v.cells[0].disk),
+            (Origin::Ubuntu, Disk::Virtio)
+        );
     }
 
     #[test]

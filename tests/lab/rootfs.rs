@@ -118,6 +118,7 @@ fn customise(root: &Path) -> LabResult<()> {
         fs::write(&path, text).ctx(|| format!("writing {}", path.display()))
     };
     write("etc/hostname", "lab\n")?;
+    // The guest's init rewrites it for the disk it finds (a virtio cell has /dev/vda).
     write("etc/fstab", "/dev/nvme0n1 / ext4 defaults 0 1\n")?;
     let system = root.join("etc/systemd/system");
     for unit in MASKED_UNITS {

@@ -142,10 +142,39 @@ pvetune status $vmid > /tmp/part-status.out 2>&1
 cat /tmp/part-status.out
 check_contains "status shows the partition" /tmp/part-status.out "vcpus/cpuset.cpus.partition: isolated"
 
+# Kernel 6.8 refuses to empty cpuset.cpus of a cgroup with tasks (ENOSPC), and pvetune writes
+# cpuset.cpus there (every online CPU on qemu.slice and the scope). While QEMU runs, what is
+# left of an undo is exactly those files, still holding every online CPU, and held in the
+# ledger for a later run (docs/design.md, "deferred"); post-stop gives them back.
+deferred_pattern="^/sys/fs/cgroup/qemu.slice\(/$vmid.scope\)\?/cpuset.cpus: "
+case $(uname -r) in 6.8.*) defers=yes ;; *) defers=no ;; esac
+# check_same_running <name> <before> <after>: check_same, except on 6.8 for the deferred files,
+# which must hold the online CPUs or their value from before.
+check_same_running() {
+	if [ $defers = yes ]; then
+		local online line
+		online=$(val /sys/devices/system/cpu/online)
+		grep "$deferred_pattern" "$3" | while read -r line; do
+			case "$line" in *": $online" | *":" | *": ") ;; *) echo "$line" ;; esac
+		done > /tmp/part-deferred-bad
+		[ -s /tmp/part-deferred-bad ] && fail "$1: a deferred cpuset.cpus holds neither the online CPUs nor nothing: $(cat /tmp/part-deferred-bad)"
+		grep -v "$deferred_pattern" "$2" > "$2.nodefer"
+		grep -v "$deferred_pattern" "$3" > "$3.nodefer"
+		check_same "$1 (6.8: but the cpuset.cpus it defers)" "$2.nodefer" "$3.nodefer"
+	else
+		check_same "$1" "$2" "$3"
+	fi
+}
+
 # Rollback of the running VM: threads out of the partition first, every byte back.
 check_rc "rollback while running" 0 pvetune rollback $vmid
 snapshot /tmp/part-rolled $vmid
-check_same "rollback of a running VM restores everything" /tmp/part-before /tmp/part-rolled
+check_same_running "rollback of a running VM restores everything" /tmp/part-before /tmp/part-rolled
+if [ $defers = yes ] && grep -q "^/sys/fs/cgroup/qemu.slice/cpuset.cpus: [0-9]" /tmp/part-rolled; then
+	pvetune status > /tmp/part-deferred.out 2>&1
+	cat /tmp/part-deferred.out
+	check_contains "status lists the deferred cpuset.cpus" /tmp/part-deferred.out "qemu.slice/cpuset.cpus"
+fi
 
 # A failure in the middle of the partition: another cgroup in qemu.slice holds CPU 7 as
 # exclusive, so the kernel refuses the VM scope's exclusive CPUs (after the controllers and
@@ -161,7 +190,7 @@ check_eq "post-start with a conflicting cgroup fails" 1 $?
 cat /tmp/part-fail.out
 check_contains "the failure names the refused write" /tmp/part-fail.out "cpuset.cpus.exclusive"
 snapshot /tmp/part-conflict-after $vmid
-check_same "the failed partition step is undone" /tmp/part-conflict /tmp/part-conflict-after
+check_same_running "the failed partition step is undone" /tmp/part-conflict /tmp/part-conflict-after
 rmdir $cg/qemu.slice/lab-conflict
 try_write $cg/qemu.slice/cpuset.cpus.exclusive "" > /dev/null
 # Put the controllers back as systemd had them (the base snapshot has them).
@@ -170,7 +199,7 @@ grep -q "qemu.slice/cgroup.subtree_control: .*cpuset" /tmp/part-base ||
 grep -q "^/sys/fs/cgroup/./cgroup.subtree_control: .*cpuset" /tmp/part-base ||
 	try_write $cg/cgroup.subtree_control -cpuset > /dev/null
 snapshot /tmp/part-cleaned $vmid
-check_same "the conflict is cleaned up again" /tmp/part-before /tmp/part-cleaned
+check_same_running "the conflict is cleaned up again" /tmp/part-before /tmp/part-cleaned
 
 # kill -9 at random points of post-start, then rollback: whatever was made is undone.
 for delay in 0.01 0.03 0.06 0.1 0.2 0.4; do
@@ -181,7 +210,7 @@ for delay in 0.01 0.03 0.06 0.1 0.2 0.4; do
 	wait $hook 2> /dev/null
 	pvetune rollback $vmid > /tmp/part-kill.out 2>&1 || { cat /tmp/part-kill.out; fail "rollback after kill -9 at $delay s"; }
 	snapshot /tmp/part-killed $vmid
-	check_same "kill -9 after $delay s, then rollback" /tmp/part-before /tmp/part-killed
+	check_same_running "kill -9 after $delay s, then rollback" /tmp/part-before /tmp/part-killed
 done
 
 check_rc "post-start again" 0 pvetune -q $vmid post-start

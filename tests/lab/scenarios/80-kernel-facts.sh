@@ -62,7 +62,10 @@ try_write $part/cpuset.cpus.partition member > /dev/null || fail "partition back
 try_write $part/cpuset.cpus "" > /dev/null
 
 # The remote partition: exclusive CPUs on every ancestor below the root, cpuset.cpus left empty
-# on all three (on 6.8 they would have to cover the CPUs too: isolation-facts.md section 2).
+# on all three. 6.8 needs cpuset.cpus covering the CPUs too (isolation-facts.md section 2): what
+# it says without them is a fact, then the chain gets them as pvetune writes them there (each
+# right after the cgroup's exclusive CPUs: all online CPUs on qemu.slice and the scope, the
+# VM's on vcpus).
 chain() {
 	local a b c
 	a=$(try_write $cg/qemu.slice/cpuset.cpus.exclusive $P)
@@ -70,9 +73,33 @@ chain() {
 	c=$(try_write $part/cpuset.cpus.exclusive $P)
 	echo "qemu.slice $a, scope $b, vcpus $c"
 }
+online=$(val $cpu/online)
+needs_cpus=no
+cpus_chain() {
+	local a b c
+	a=$(try_write $cg/qemu.slice/cpuset.cpus $online)
+	b=$(try_write $scope/cpuset.cpus $online)
+	c=$(try_write $part/cpuset.cpus $P)
+	echo "qemu.slice $a, scope $b, vcpus $c"
+}
 fact partition.chain "Writing cpuset.cpus.exclusive=$P on qemu.slice, the scope and vcpus" "$(chain)"
 fact partition.write "Writing isolated to vcpus/cpuset.cpus.partition" \
 	"$(try_write $part/cpuset.cpus.partition isolated)"
+state=$(val $part/cpuset.cpus.partition)
+fact partition.exclusive-only "vcpus partition read back, exclusive chain only, no threads yet" "$state"
+case "$state" in
+"isolated invalid (cpuset.cpus is empty)")
+	needs_cpus=yes
+	fact partition.cpus-chain "Writing cpuset.cpus=$online on qemu.slice and the scope, $P on vcpus" \
+		"$(cpus_chain)"
+	try_write $part/cpuset.cpus.partition isolated > /dev/null
+	;;
+esac
+fact partition.needs-cpus "The chain needs cpuset.cpus too (pvetune writes it on kernels before 6.12)" "$needs_cpus"
+case $(uname -r) in
+6.8.* | 6.9.* | 6.10.* | 6.11.*) check_eq "pvetune's version rule matches the kernel" yes $needs_cpus ;;
+*) check_eq "pvetune's version rule matches the kernel" no $needs_cpus ;;
+esac
 fact partition.empty "vcpus partition read back, no threads in it yet" "$(val $part/cpuset.cpus.partition)"
 moved=ok
 for tid in $vcpus; do
@@ -82,7 +109,7 @@ fact partition.threads "Writing the vCPU thread ids to vcpus/cgroup.threads" "$m
 state=$(val $part/cpuset.cpus.partition)
 fact partition.state "vcpus partition read back with the vCPU threads in it" "$state"
 check_eq "remote isolated partition of the vCPU threads" isolated "$state"
-fact partition.cpuset-cpus "cpuset.cpus of qemu.slice, the scope, vcpus (never written)" \
+fact partition.cpuset-cpus "cpuset.cpus of qemu.slice, the scope, vcpus" \
 	"$(val $cg/qemu.slice/cpuset.cpus), $(val $scope/cpuset.cpus), $(val $part/cpuset.cpus)"
 fact partition.effective "vcpus cpuset.cpus.effective" "$(val $part/cpuset.cpus.effective)"
 
@@ -180,6 +207,7 @@ if [ "$LAB_FLAVOUR" = systemd ]; then
 	# Build it again, then pin cpuset with +cpuset in the partition's own subtree_control.
 	enable_cpuset > /dev/null
 	chain > /dev/null
+	[ $needs_cpus = no ] || cpus_chain > /dev/null
 	try_write $part/cpuset.cpus.partition isolated > /dev/null
 fi
 fact pin.write "+cpuset written to vcpus/cgroup.subtree_control (a threaded cgroup with threads)" \
@@ -231,11 +259,22 @@ for tid in $vcpus; do
 	try_write $scope/cgroup.threads "$tid" > /dev/null || fail "vCPU thread $tid back to the scope refused"
 done
 rmdir $part || fail "rmdir $part"
+if [ $needs_cpus = yes ]; then
+	# QEMU is still in the scope: what emptying its cpuset.cpus gives (pvetune defers it).
+	fact cpuset.empty-scope "Emptying the VM scope's cpuset.cpus with QEMU in it" \
+		"$(try_write $scope/cpuset.cpus "")"
+fi
 for f in $scope/cpuset.cpus.exclusive $cg/qemu.slice/cpuset.cpus.exclusive; do
 	try_write $f "" > /dev/null || fail "clearing $f refused"
 done
 try_write $scope/cgroup.subtree_control -cpuset > /dev/null
 vm_stop $vmid || fail "QEMU did not stop"
+if [ $needs_cpus = yes ]; then
+	# The VM is gone: the busybox flavour's scope stays, empty; systemd's went with QEMU.
+	[ -d $scope ] && { try_write $scope/cpuset.cpus "" > /dev/null || fail "emptying the stopped scope's cpuset.cpus refused"; }
+	fact cpuset.empty-slice "Emptying qemu.slice's cpuset.cpus once no VM runs" \
+		"$(try_write $cg/qemu.slice/cpuset.cpus "")"
+fi
 case " $slice_had " in *" cpuset "*) ;; *) try_write $cg/qemu.slice/cgroup.subtree_control -cpuset > /dev/null ;; esac
 case " $root_had " in *" cpuset "*) ;; *) try_write $cg/cgroup.subtree_control -cpuset > /dev/null ;; esac
 snapshot /tmp/facts-after
