@@ -10,6 +10,12 @@
 # monitor round trip a real script needs is not counted. Only what bash must fork
 # is forked (taskset); reads use `read`, not `$(cat ...)`, which flatters the shell.
 #
+#
+# Called by a name that ends in `-kthreads` (bench/run makes the link), it also does seed 003's
+# pinKthreads: every task whose stat flags have PF_KTHREAD gets `taskset -pc` off the VM's CPUs
+# in post-start (many refuse: per-CPU threads; ignored, as the seed does) and its old CPUs back
+# in post-stop. The benchmark's kernel threads are stand-ins (bench/kthreads.c).
+#
 #   PVETUNE_ROOT=<tree> BENCH_HK=2-255 BENCH_HK_MASK=... BENCH_VCPUS=1,0 BENCH_EMU=0 \
 #   BENCH_IO=1 BENCH_IOTHREAD=<tid> BENCH_POLICIES=0,1 shell-hook.sh <vmid> <phase>
 vmid=$1
@@ -17,6 +23,7 @@ phase=$2
 R=${PVETUNE_ROOT:?}
 state=$R/run/shell-hook.$vmid
 mkdir -p "$R/run"
+case ${0##*/} in *-kthreads) kthreads=1 ;; *) kthreads=0 ;; esac
 
 case $phase in
 pre-start)
@@ -58,6 +65,17 @@ post-start)
 	read -r old <"$f"
 	echo "$f $old" >>"$state.files"
 	echo 120 >"$f"
+	if [ $kthreads = 1 ]; then
+		for s in "$R"/proc/[0-9]*/stat; do
+			read -r -a stat <"$s" 2>/dev/null || continue
+			((stat[8] & 0x200000)) || continue
+			d=${s%/stat}
+			while read -r key value; do
+				[ "$key" = Cpus_allowed_list: ] && echo "${d##*/} $value"
+			done <"$d/status"
+			taskset -pc "$BENCH_HK" "${d##*/}" >/dev/null 2>&1
+		done >"$state.kthreads"
+	fi
 	;;
 post-stop)
 	if [ -f "$state.threads" ]; then
@@ -70,7 +88,12 @@ post-stop)
 			echo "$old" >"$f" 2>/dev/null
 		done <"$state.files"
 	fi
-	rm -f "$state.files" "$state.threads"
+	if [ -f "$state.kthreads" ]; then
+		while read -r pid cpus; do
+			taskset -pc "$cpus" "$pid" >/dev/null 2>&1
+		done <"$state.kthreads"
+	fi
+	rm -f "$state.files" "$state.threads" "$state.kthreads"
 	;;
 esac
 exit 0
