@@ -32,6 +32,23 @@ pub struct Guest<'a> {
     /// Where console.log, results.log and qemu.log go.
     pub workdir: &'a Path,
     pub accel: Accel,
+    /// TCG on one host thread for all vCPUs: slower for a nested QEMU, but free of
+    /// multi-threaded TCG's race with the kernel's live text patching (see `tcg_threads`).
+    pub single_threaded: bool,
+}
+
+/// Whether a guest of `systemd` flavour runs its vCPUs on one TCG thread. Every kernel crash
+/// the lab saw under multi-threaded TCG (an int3 of the kernel's own static-key patching,
+/// docs/testing.md) was in a systemd guest, whose systemd switches cgroup controllers on and
+/// off and so flips static keys while other vCPUs run; one thread serialises them. The busybox
+/// guests keep multi-threaded TCG: they run a nested QEMU, which one thread makes twice as slow.
+/// `PVETUNE_LAB_TCG_THREAD=single|multi` forces one for every guest.
+pub fn tcg_threads(systemd: bool) -> bool {
+    match std::env::var("PVETUNE_LAB_TCG_THREAD").as_deref() {
+        Ok("single") => true,
+        Ok("multi") => false,
+        _ => systemd,
+    }
 }
 
 /// What a boot left behind.
@@ -133,6 +150,7 @@ impl Guest<'_> {
 
     fn args(&self, console: &Path, results: &Path) -> Vec<String> {
         let accel = match self.accel {
+            Accel::Tcg if self.single_threaded => "tcg,thread=single",
             Accel::Tcg => "tcg,thread=multi",
             Accel::Kvm => "kvm",
         };
