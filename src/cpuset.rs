@@ -139,6 +139,7 @@ impl CpuSet {
                 }
             }
         }
+        set.words.shrink_to_fit();
         Ok(set)
     }
 
@@ -177,6 +178,7 @@ impl CpuSet {
                 }
             }
         }
+        set.words.shrink_to_fit();
         Ok(set)
     }
 
@@ -342,6 +344,8 @@ impl CpuSet {
                 .collect(),
         };
         out.trim();
+        // No room kept for the words trimmed off: sets are kept per claim and per step.
+        out.words.shrink_to_fit();
         out
     }
 

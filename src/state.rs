@@ -98,8 +98,54 @@ pub const LEDGER_PATH_PREFIXES: &[&str] = &[
 const SHOWN_PATH_MAX: usize = 160;
 
 /// Unknown fields of a ledger record, kept as read so that a rewrite by this version does not
-/// drop what a newer one recorded.
-pub type Extra = BTreeMap<String, serde_json::Value>;
+/// drop what a newer one recorded. Boxed, and absent when there are none (every record this
+/// version writes): a claim has three places for them (itself, its `compose`, each holder),
+/// and the ledger holds a claim per IRQ.
+#[derive(Debug, Clone, Default)]
+pub struct Extra(Option<Box<BTreeMap<String, serde_json::Value>>>);
+
+impl Extra {
+    pub fn new() -> Self {
+        Extra(None)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.0.as_ref()?.get(key)
+    }
+
+    pub fn insert(&mut self, key: String, value: serde_json::Value) -> Option<serde_json::Value> {
+        self.0.get_or_insert_default().insert(key, value)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields().is_none()
+    }
+
+    fn fields(&self) -> Option<&BTreeMap<String, serde_json::Value>> {
+        self.0.as_deref().filter(|m| !m.is_empty())
+    }
+}
+
+impl PartialEq for Extra {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields() == other.fields()
+    }
+}
+
+impl Eq for Extra {}
+
+impl Serialize for Extra {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.fields().into_iter().flatten())
+    }
+}
+
+impl<'de> Deserialize<'de> for Extra {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        Ok(Extra((!fields.is_empty()).then(|| Box::new(fields))))
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -172,6 +218,7 @@ pub struct PinRecord {
 pub struct Claim {
     /// Exact file content before the first claim.
     pub original: String,
+    #[serde(deserialize_with = "exact_vec")]
     pub holders: Vec<Holder>,
     /// Set for a file whose value is a CPU set composed from every holder (an IRQ's
     /// affinity): each holder's `value` is then the CPUs it takes out, not a value to write.
@@ -400,6 +447,16 @@ impl Claim {
     pub fn op(&self) -> Option<ComposeOp> {
         self.compose.as_ref().map(|c| c.op)
     }
+}
+
+/// A list read without the spare room a growing `Vec` keeps (room for four holders where
+/// a claim per IRQ has one).
+fn exact_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    let mut list = Vec::<T>::deserialize(d)?;
+    list.shrink_to_fit();
+    Ok(list)
 }
 
 fn is_zero(n: &u64) -> bool {
