@@ -156,8 +156,9 @@ pub struct State {
     generation: u64,
     #[serde(deserialize_with = "vms_by_id")]
     pub vms: BTreeMap<u32, VmRecord>,
-    /// Host path -> claim.
-    pub claims: BTreeMap<String, Claim>,
+    /// Host path -> claim. Boxed: a map node keeps room for eleven entries and is about half
+    /// full after inserts in order, so the entries it holds inline are kept to two words.
+    pub claims: BTreeMap<String, Box<Claim>>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -339,16 +340,23 @@ pub struct Holder {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Change {
-    /// The claim on one host file.
-    Claim { path: String, claim: Option<Claim> },
+    /// The claim on one host file. Boxed, as the record and the pin are: a batch holds a
+    /// change per IRQ, and a removal (a rollback's) is then a few words, not a whole claim.
+    Claim {
+        path: String,
+        claim: Option<Box<Claim>>,
+    },
     /// One pinned thread of a VM; setting one creates the VM's record if it has none.
     Pin {
         vmid: u32,
         tid: i32,
-        pin: Option<PinRecord>,
+        pin: Option<Box<PinRecord>>,
     },
     /// A VM's whole record, its pins included.
-    Vm { vmid: u32, record: Option<VmRecord> },
+    Vm {
+        vmid: u32,
+        record: Option<Box<VmRecord>>,
+    },
 }
 
 /// Why `path` may not be in the ledger, if it may not: it must be absolute and normalized
@@ -472,6 +480,11 @@ impl State {
         }
     }
 
+    /// The claim on `path`, if any.
+    pub fn claim(&self, path: &str) -> Option<&Claim> {
+        self.claims.get(path).map(|c| &**c)
+    }
+
     /// CPUs owned by every VM in the ledger except `vmid`.
     pub fn owned_by_others(&self, vmid: u32) -> BTreeMap<u32, CpuSet> {
         self.vms
@@ -518,7 +531,7 @@ impl State {
                     // The whole record, pins included, replaces any edit in progress.
                     editing.remove(&vmid);
                     match record {
-                        Some(record) => self.vms.insert(vmid, record),
+                        Some(record) => self.vms.insert(vmid, *record),
                         None => self.vms.remove(&vmid),
                     };
                 }
@@ -533,7 +546,7 @@ impl State {
                             e.insert(PinEdit::take(self.vms.entry(vmid).or_default()))
                         }
                     };
-                    edit.set(tid, pin);
+                    edit.set(tid, pin.map(|p| *p));
                 }
             }
         }

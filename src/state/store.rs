@@ -18,7 +18,7 @@ struct SnapshotRef<'a> {
     version: u32,
     generation: u64,
     vms: &'a BTreeMap<u32, VmRecord>,
-    claims: &'a BTreeMap<String, Claim>,
+    claims: &'a BTreeMap<String, Box<Claim>>,
     #[serde(flatten)]
     extra: &'a Extra,
 }
