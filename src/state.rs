@@ -237,6 +237,7 @@ pub struct Compose {
     pub op: ComposeOp,
     pub format: CpuFormat,
     /// The housekeeping CPUs as the latest claimer saw them.
+    #[serde(deserialize_with = "shared_set")]
     pub fallback: CpuSet,
     /// `Ban` only: the CPUs irqbalance banned by itself when the first VM claimed (see
     /// [`ComposeOp::Ban`]). Empty, and not written, for every other op.
@@ -455,6 +456,22 @@ impl Claim {
     pub fn op(&self) -> Option<ComposeOp> {
         self.compose.as_ref().map(|c| c.op)
     }
+}
+
+/// A CPU set read as the one before it when its text is the same, sharing its words: a ledger
+/// lists a claim per IRQ, all with the same fallback.
+fn shared_set<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CpuSet, D::Error> {
+    thread_local! {
+        static LAST: RefCell<(String, CpuSet)> = RefCell::default();
+    }
+    let text = String::deserialize(d)?;
+    LAST.with_borrow_mut(|(last_text, last)| {
+        if *last_text != text {
+            *last = text.parse().map_err(serde::de::Error::custom)?;
+            *last_text = text;
+        }
+        Ok(last.clone())
+    })
 }
 
 /// A list read without the spare room a growing `Vec` keeps (room for four holders where
