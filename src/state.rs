@@ -102,6 +102,8 @@ const SHOWN_PATH_MAX: usize = 160;
 /// version writes): a claim has three places for them (itself, its `compose`, each holder),
 /// and the ledger holds a claim per IRQ.
 #[derive(Debug, Clone, Default)]
+// The box is the point: a word where an empty map takes three.
+#[allow(clippy::box_collection)]
 pub struct Extra(Option<Box<BTreeMap<String, serde_json::Value>>>);
 
 impl Extra {
@@ -617,6 +619,24 @@ impl PinEdit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ledger holds a claim per IRQ, a batch a change per IRQ: none may grow unnoticed
+    /// (tests/ledger_memory.rs counts the bytes a claim costs on the heap).
+    #[test]
+    fn a_claim_and_a_change_stay_small() {
+        use std::mem::size_of;
+        let sizes = [
+            ("Claim", size_of::<Claim>(), 104),
+            ("Holder", size_of::<Holder>(), 48),
+            ("Compose", size_of::<Compose>(), 48),
+            ("Change", size_of::<Change>(), 32),
+            ("Extra", size_of::<Extra>(), 8),
+            ("CpuSet", size_of::<CpuSet>(), 16),
+        ];
+        for (name, size, most) in sizes {
+            assert!(size <= most, "{name}: {size} bytes, more than {most}");
+        }
+    }
 
     #[test]
     fn effective_value_is_the_last_claimers() {
