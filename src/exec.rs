@@ -8,8 +8,8 @@
 //! 1. plan: read every target once (the file's bytes, the thread's affinity) and work out the
 //!    ledger entries the batch leads to; nothing changes yet, and a read that fails here
 //!    fails the batch before anything happened;
-//! 2. record: append those entries, with the old values, to the ledger's journal: one write
-//!    and one fdatasync for the whole batch (write-ahead);
+//! 2. record: append those entries, with the old values, to the ledger's journal: one line
+//!    (streamed in 64 KiB writes) and one fdatasync for the whole batch (write-ahead);
 //! 3. change: make the writes and pins in order, skipping those already in place.
 //!
 //! A crash after 2 leaves a ledger that claims files some of which were never written: undo

@@ -22,8 +22,9 @@
 //!   directory fsync), at most a couple of times per phase (the compaction at its end, once
 //!   the journal is a quarter of the snapshot's size: `Store::compact`).
 //! - `state.journal` holds the [`Change`]s made since that snapshot: one JSON line per batch
-//!   (a phase's whole plan, or a whole rollback), each appended with one write and one
-//!   fdatasync ([`Store::append`]). A line names the generation of the snapshot it follows.
+//!   (a phase's whole plan, or a whole rollback), each appended with one fdatasync
+//!   ([`Store::append`]; serialized into the file in 64 KiB writes, never built whole in
+//!   memory). A line names the generation of the snapshot it follows.
 //!
 //! Loading is the snapshot plus, in order, every journal line of its generation. A change sets
 //! one key of the ledger (a claim, a pin, a VM record) to an absolute value, so replaying is
