@@ -161,6 +161,7 @@ pub struct State {
     pub vms: BTreeMap<u32, VmRecord>,
     /// Host path -> claim. Boxed: a map node keeps room for eleven entries and is about half
     /// full after inserts in order, so the entries it holds inline are kept to two words.
+    #[serde(deserialize_with = "claims_in_full_nodes")]
     pub claims: BTreeMap<String, Box<Claim>>,
     #[serde(flatten)]
     pub extra: Extra,
@@ -461,6 +462,34 @@ impl Claim {
     }
 }
 
+/// The claims map, built from its entries in one go: a map filled by inserts in key order (as
+/// serde's map visitor does) leaves its nodes about half full, one built from a sorted list
+/// fills them. As serde's map does, a key that comes twice keeps its last value.
+fn claims_in_full_nodes<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Box<Claim>>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(String, Box<Claim>)>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of paths to claims")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    Ok(d.deserialize_map(Entries)?.into_iter().collect())
+}
+
 /// A CPU set read as the one before it when its text is the same, sharing its words: a ledger
 /// lists a claim per IRQ, all with the same fallback.
 fn shared_set<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CpuSet, D::Error> {
@@ -637,6 +666,26 @@ mod tests {
         for (name, size, most) in sizes {
             assert!(size <= most, "{name}: {size} bytes, more than {most}");
         }
+    }
+
+    /// The claims map is built from its entries in one go: in any order, and a path that
+    /// comes twice keeps its last claim, as a map filled by inserts did.
+    #[test]
+    fn claims_read_in_any_order_keep_the_last_of_a_path() {
+        let claim = |original: &str| format!(r#"{{"original":"{original}","holders":[]}}"#);
+        let text = format!(
+            r#"{{"version":2,"vms":{{}},"claims":{{"/proc/sys/b":{},"/proc/sys/a":{},"/proc/sys/b":{}}}}}"#,
+            claim("1"),
+            claim("2"),
+            claim("3")
+        );
+        let state: State = serde_json::from_str(&text).unwrap();
+        let read: Vec<(&str, &str)> = state
+            .claims
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.original.as_str()))
+            .collect();
+        assert_eq!(read, [("/proc/sys/a", "2"), ("/proc/sys/b", "3")]);
     }
 
     #[test]
