@@ -6,6 +6,7 @@
 //! collapsed, no spaces, no newline.
 
 use std::fmt;
+use std::sync::Arc;
 
 mod files;
 pub use files::{CpuFormat, exclude_text, include_text};
@@ -28,9 +29,13 @@ pub const NBITS_LIMIT: u32 = 2 * MAX_CPUS;
 pub const MAX_LIST_BYTES: usize = 64 * 1024;
 
 /// A set of CPU numbers, stored as a bitmap with no trailing zero words (so `==` is set equality).
+///
+/// The words are shared and exactly as long as the set needs (None: the empty set): a plan
+/// and a ledger hold the same sets once per IRQ (the VM's CPUs, the housekeeping fallback),
+/// so a clone is a reference count, and a change copies the words first if they are shared.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct CpuSet {
-    words: Vec<u64>,
+    words: Option<Arc<[u64]>>,
 }
 
 /// Why a cpulist or cpumask was refused; the variants mirror the kernel's errno.
@@ -208,10 +213,42 @@ impl CpuSet {
 
     pub fn insert(&mut self, cpu: u32) {
         let (word, bit) = ((cpu / 64) as usize, cpu % 64);
-        if self.words.len() <= word {
-            self.words.resize(word + 1, 0);
+        self.words_mut(word + 1)[word] |= 1 << bit;
+    }
+
+    /// The words, none for the empty set.
+    fn words(&self) -> &[u64] {
+        self.words.as_deref().unwrap_or(&[])
+    }
+
+    /// The words to change, at least `len` of them: copied first when they are shared or
+    /// shorter (the new ones zero).
+    fn words_mut(&mut self, len: usize) -> &mut [u64] {
+        let in_place = match &mut self.words {
+            Some(w) => w.len() >= len && Arc::get_mut(w).is_some(),
+            None => false,
+        };
+        if !in_place {
+            let mut words = self.words().to_vec();
+            if words.len() < len {
+                words.resize(len, 0);
+            }
+            self.words = Some(words.into());
         }
-        self.words[word] |= 1 << bit;
+        match &mut self.words {
+            Some(words) => Arc::get_mut(words).map_or(&mut [], |w| &mut w[..]),
+            None => &mut [],
+        }
+    }
+
+    /// A set of these words (trailing zero words dropped).
+    fn from_words(mut words: Vec<u64>) -> Self {
+        while words.last() == Some(&0) {
+            words.pop();
+        }
+        CpuSet {
+            words: (!words.is_empty()).then(|| words.into()),
+        }
     }
 
     /// Inserts `first..end` (end excluded) a word at a time: a range costs its length / 64.
@@ -221,10 +258,7 @@ impl CpuSet {
         }
         let last = end - 1;
         let (lo, hi) = ((first / 64) as usize, (last / 64) as usize);
-        if self.words.len() <= hi {
-            self.words.resize(hi + 1, 0);
-        }
-        for (index, word) in self.words[lo..=hi].iter_mut().enumerate() {
+        for (index, word) in self.words_mut(hi + 1)[lo..=hi].iter_mut().enumerate() {
             let index = lo + index;
             let from = if index == lo { first % 64 } else { 0 };
             let to = if index == hi { last % 64 } else { 63 };
@@ -236,23 +270,23 @@ impl CpuSet {
 
     pub fn remove(&mut self, cpu: u32) {
         let (word, bit) = ((cpu / 64) as usize, cpu % 64);
-        if let Some(w) = self.words.get_mut(word) {
-            *w &= !(1 << bit);
+        if self.contains(cpu) {
+            self.words_mut(word + 1)[word] &= !(1 << bit);
+            self.trim();
         }
-        self.trim();
     }
 
     pub fn contains(&self, cpu: u32) -> bool {
         let (word, bit) = ((cpu / 64) as usize, cpu % 64);
-        self.words.get(word).is_some_and(|w| w & (1 << bit) != 0)
+        self.words().get(word).is_some_and(|w| w & (1 << bit) != 0)
     }
 
     pub fn len(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+        self.words().iter().map(|w| w.count_ones() as usize).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.words.is_empty()
+        self.words().is_empty()
     }
 
     /// The lowest CPU, if any.
@@ -262,13 +296,13 @@ impl CpuSet {
 
     /// The highest CPU, if any.
     pub fn last(&self) -> Option<u32> {
-        let (index, word) = self.words.iter().enumerate().next_back()?;
+        let (index, word) = self.words().iter().enumerate().next_back()?;
         Some(index as u32 * 64 + 63 - word.leading_zeros())
     }
 
     /// CPUs in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.words.iter().enumerate().flat_map(|(index, &word)| {
+        self.words().iter().enumerate().flat_map(|(index, &word)| {
             // One step per set bit (the lowest one, then cleared), not one per bit.
             std::iter::successors((word != 0).then_some(word), |w| {
                 let rest = w & (w - 1);
@@ -286,7 +320,7 @@ impl CpuSet {
             let first = self.next_from(from, false)?;
             let end = self
                 .next_from(first, true)
-                .unwrap_or(self.words.len() as u32 * 64);
+                .unwrap_or(self.words().len() as u32 * 64);
             from = end;
             Some((first, end - 1))
         })
@@ -296,7 +330,7 @@ impl CpuSet {
     /// past the last word).
     fn next_from(&self, from: u32, clear: bool) -> Option<u32> {
         let mut index = (from / 64) as usize;
-        let mut word = *self.words.get(index)?;
+        let mut word = *self.words().get(index)?;
         if clear {
             word = !word;
         }
@@ -306,7 +340,7 @@ impl CpuSet {
                 return Some(index as u32 * 64 + word.trailing_zeros());
             }
             index += 1;
-            word = *self.words.get(index)?;
+            word = *self.words().get(index)?;
             if clear {
                 word = !word;
             }
@@ -334,20 +368,20 @@ impl CpuSet {
     }
 
     fn zip(&self, other: &CpuSet, op: impl Fn(u64, u64) -> u64) -> CpuSet {
-        let len = self.words.len().max(other.words.len());
-        let get = |v: &Vec<u64>, i: usize| v.get(i).copied().unwrap_or(0);
-        let mut out = CpuSet {
-            words: (0..len)
-                .map(|i| op(get(&self.words, i), get(&other.words, i)))
-                .collect(),
-        };
-        out.trim();
-        out
+        let (a, b) = (self.words(), other.words());
+        let len = a.len().max(b.len());
+        let get = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        CpuSet::from_words((0..len).map(|i| op(get(a, i), get(b, i))).collect())
     }
 
     fn trim(&mut self) {
-        while self.words.last() == Some(&0) {
-            self.words.pop();
+        let used = self
+            .words()
+            .iter()
+            .rposition(|&w| w != 0)
+            .map_or(0, |i| i + 1);
+        if used < self.words().len() {
+            *self = CpuSet::from_words(self.words()[..used].to_vec());
         }
     }
 }

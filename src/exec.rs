@@ -8,8 +8,8 @@
 //! 1. plan: read every target once (the file's bytes, the thread's affinity) and work out the
 //!    ledger entries the batch leads to; nothing changes yet, and a read that fails here
 //!    fails the batch before anything happened;
-//! 2. record: append those entries, with the old values, to the ledger's journal: one write
-//!    and one fdatasync for the whole batch (write-ahead);
+//! 2. record: append those entries, with the old values, to the ledger's journal: one line
+//!    (streamed in 64 KiB writes) and one fdatasync for the whole batch (write-ahead);
 //! 3. change: make the writes and pins in order, skipping those already in place.
 //!
 //! A crash after 2 leaves a ledger that claims files some of which were never written: undo
@@ -29,6 +29,7 @@ use crate::host::Host;
 use crate::plan::{Action, Step, ThreadRef};
 use crate::root::Root;
 use crate::state::{Change, Claim, ComposeOp, PinRecord, State, StateError, Store, VmRecord};
+use std::borrow::Cow;
 use std::io;
 
 mod cgroup;
@@ -100,11 +101,12 @@ pub struct Applied {
     pub refused: Vec<(String, String)>,
 }
 
-/// One change of a batch, as planned before anything is changed.
-enum Intent {
+/// One change of a batch, as planned before anything is changed. `'s`: the steps it was
+/// planned from, whose paths it borrows (a batch has an intent per IRQ).
+enum Intent<'s> {
     /// Claim `path` for this VM: the file holds `current` and is to hold `effective`.
     Write {
-        path: String,
+        path: Cow<'s, str>,
         current: String,
         effective: String,
         /// The claim before this change (None: there was none), what undo puts back. Boxed:
@@ -175,7 +177,7 @@ impl<'a, H: Host> Executor<'a, H> {
     /// (in reverse, the stages before included), and the error is returned.
     pub fn apply(&mut self, steps: &[Step]) -> Result<Applied, ExecError> {
         let mut applied = Applied::default();
-        let mut done: Vec<Vec<Intent>> = Vec::new();
+        let mut done: Vec<Vec<Intent<'_>>> = Vec::new();
         for stage in steps.split(|s| s.action == Action::Barrier) {
             match self.apply_stage(stage, &mut applied) {
                 Ok(intents) => done.push(intents),
@@ -191,11 +193,11 @@ impl<'a, H: Host> Executor<'a, H> {
     }
 
     /// One batch: prepare, record, change. A failure undoes this batch and is returned.
-    fn apply_stage(
+    fn apply_stage<'s>(
         &mut self,
-        steps: &[Step],
+        steps: &'s [Step],
         applied: &mut Applied,
-    ) -> Result<Vec<Intent>, ExecError> {
+    ) -> Result<Vec<Intent<'s>>, ExecError> {
         // qemu-server allocates under this lock: a pool is never changed beside it.
         let _hugepages = steps
             .iter()
@@ -213,7 +215,7 @@ impl<'a, H: Host> Executor<'a, H> {
                         // Every function is back: nothing is left for a rollback to mend.
                         gone.push(Change::Claim {
                             path: PCI_RESCAN.to_string(),
-                            claim: previous.as_deref().cloned(),
+                            claim: previous.clone(),
                         });
                     }
                 }
@@ -233,14 +235,14 @@ impl<'a, H: Host> Executor<'a, H> {
                     Some((path, errno, previous)) => {
                         // The file is as it was: the claim goes back to what it was.
                         gone.push(Change::Claim {
-                            path: path.clone(),
-                            claim: previous.as_deref().cloned(),
+                            path: path.to_string(),
+                            claim: previous.clone(),
                         });
                         if is_ban(intent) {
                             // Not the kernel's: irqbalance, which is optional.
                             log::warn!("{e}: irqbalance may move IRQs back onto the VM's CPUs");
                         } else {
-                            applied.refused.push((path.clone(), errno));
+                            applied.refused.push((path.to_string(), errno));
                         }
                     }
                     None => {
@@ -416,7 +418,7 @@ impl<'a, H: Host> Executor<'a, H> {
 fn refused<'i>(
     intent: &'i Intent,
     error: &ExecError,
-) -> Option<(&'i String, String, &'i Option<Box<Claim>>)> {
+) -> Option<(&'i str, String, &'i Option<Box<Claim>>)> {
     let (
         Intent::Write {
             path,

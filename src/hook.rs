@@ -336,7 +336,7 @@ fn execute<H: Host>(
 ) -> Result<String, Error> {
     let record = Change::Vm {
         vmid,
-        record: Some(record),
+        record: Some(Box::new(record)),
     };
     store.append(state, vec![record])?;
     for skip in &plan.skipped {
@@ -363,7 +363,7 @@ fn execute<H: Host>(
         record.refused = applied.refused.clone();
         let change = Change::Vm {
             vmid,
-            record: Some(record),
+            record: Some(Box::new(record)),
         };
         if let Err(e) = store.append(state, vec![change]) {
             log::warn!("ledger: the refused IRQs are not recorded for status: {e}");

@@ -74,7 +74,11 @@ fn undo_plan(state: &State, vmid: u32) -> Plan {
     let mut held: Vec<(u64, &String, &Claim)> = state
         .claims
         .iter()
-        .filter_map(|(p, c)| c.holder(vmid).filter(|h| !h.kept()).map(|h| (h.seq, p, c)))
+        .filter_map(|(p, c)| {
+            c.holder(vmid)
+                .filter(|h| !h.kept())
+                .map(|h| (h.seq, p, &**c))
+        })
         .collect();
     held.sort_unstable_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
     for (_, path, claim) in held {

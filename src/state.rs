@@ -22,8 +22,9 @@
 //!   directory fsync), at most a couple of times per phase (the compaction at its end, once
 //!   the journal is a quarter of the snapshot's size: `Store::compact`).
 //! - `state.journal` holds the [`Change`]s made since that snapshot: one JSON line per batch
-//!   (a phase's whole plan, or a whole rollback), each appended with one write and one
-//!   fdatasync ([`Store::append`]). A line names the generation of the snapshot it follows.
+//!   (a phase's whole plan, or a whole rollback), each appended with one fdatasync
+//!   ([`Store::append`]; serialized into the file in 64 KiB writes, never built whole in
+//!   memory). A line names the generation of the snapshot it follows.
 //!
 //! Loading is the snapshot plus, in order, every journal line of its generation. A change sets
 //! one key of the ledger (a claim, a pin, a VM record) to an absolute value, so replaying is
@@ -98,8 +99,56 @@ pub const LEDGER_PATH_PREFIXES: &[&str] = &[
 const SHOWN_PATH_MAX: usize = 160;
 
 /// Unknown fields of a ledger record, kept as read so that a rewrite by this version does not
-/// drop what a newer one recorded.
-pub type Extra = BTreeMap<String, serde_json::Value>;
+/// drop what a newer one recorded. Boxed, and absent when there are none (every record this
+/// version writes): a claim has three places for them (itself, its `compose`, each holder),
+/// and the ledger holds a claim per IRQ.
+#[derive(Debug, Clone, Default)]
+// The box is the point: a word where an empty map takes three.
+#[allow(clippy::box_collection)]
+pub struct Extra(Option<Box<BTreeMap<String, serde_json::Value>>>);
+
+impl Extra {
+    pub fn new() -> Self {
+        Extra(None)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.0.as_ref()?.get(key)
+    }
+
+    pub fn insert(&mut self, key: String, value: serde_json::Value) -> Option<serde_json::Value> {
+        self.0.get_or_insert_default().insert(key, value)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields().is_none()
+    }
+
+    fn fields(&self) -> Option<&BTreeMap<String, serde_json::Value>> {
+        self.0.as_deref().filter(|m| !m.is_empty())
+    }
+}
+
+impl PartialEq for Extra {
+    fn eq(&self, other: &Self) -> bool {
+        self.fields() == other.fields()
+    }
+}
+
+impl Eq for Extra {}
+
+impl Serialize for Extra {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.fields().into_iter().flatten())
+    }
+}
+
+impl<'de> Deserialize<'de> for Extra {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let fields = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        Ok(Extra((!fields.is_empty()).then(|| Box::new(fields))))
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -110,8 +159,10 @@ pub struct State {
     generation: u64,
     #[serde(deserialize_with = "vms_by_id")]
     pub vms: BTreeMap<u32, VmRecord>,
-    /// Host path -> claim.
-    pub claims: BTreeMap<String, Claim>,
+    /// Host path -> claim. Boxed: a map node keeps room for eleven entries and is about half
+    /// full after inserts in order, so the entries it holds inline are kept to two words.
+    #[serde(deserialize_with = "claims_in_full_nodes")]
+    pub claims: BTreeMap<String, Box<Claim>>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -172,6 +223,7 @@ pub struct PinRecord {
 pub struct Claim {
     /// Exact file content before the first claim.
     pub original: String,
+    #[serde(deserialize_with = "exact_vec")]
     pub holders: Vec<Holder>,
     /// Set for a file whose value is a CPU set composed from every holder (an IRQ's
     /// affinity): each holder's `value` is then the CPUs it takes out, not a value to write.
@@ -189,6 +241,7 @@ pub struct Compose {
     pub op: ComposeOp,
     pub format: CpuFormat,
     /// The housekeeping CPUs as the latest claimer saw them.
+    #[serde(deserialize_with = "shared_set")]
     pub fallback: CpuSet,
     /// `Ban` only: the CPUs irqbalance banned by itself when the first VM claimed (see
     /// [`ComposeOp::Ban`]). Empty, and not written, for every other op.
@@ -292,16 +345,23 @@ pub struct Holder {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Change {
-    /// The claim on one host file.
-    Claim { path: String, claim: Option<Claim> },
+    /// The claim on one host file. Boxed, as the record and the pin are: a batch holds a
+    /// change per IRQ, and a removal (a rollback's) is then a few words, not a whole claim.
+    Claim {
+        path: String,
+        claim: Option<Box<Claim>>,
+    },
     /// One pinned thread of a VM; setting one creates the VM's record if it has none.
     Pin {
         vmid: u32,
         tid: i32,
-        pin: Option<PinRecord>,
+        pin: Option<Box<PinRecord>>,
     },
     /// A VM's whole record, its pins included.
-    Vm { vmid: u32, record: Option<VmRecord> },
+    Vm {
+        vmid: u32,
+        record: Option<Box<VmRecord>>,
+    },
 }
 
 /// Why `path` may not be in the ledger, if it may not: it must be absolute and normalized
@@ -402,6 +462,60 @@ impl Claim {
     }
 }
 
+/// The claims map, built from its entries in one go: a map filled by inserts in key order (as
+/// serde's map visitor does) leaves its nodes about half full, one built from a sorted list
+/// fills them. As serde's map does, a key that comes twice keeps its last value.
+fn claims_in_full_nodes<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Box<Claim>>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(String, Box<Claim>)>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of paths to claims")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    Ok(d.deserialize_map(Entries)?.into_iter().collect())
+}
+
+/// A CPU set read as the one before it when its text is the same, sharing its words: a ledger
+/// lists a claim per IRQ, all with the same fallback.
+fn shared_set<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CpuSet, D::Error> {
+    thread_local! {
+        static LAST: RefCell<(String, CpuSet)> = RefCell::default();
+    }
+    let text = String::deserialize(d)?;
+    LAST.with_borrow_mut(|(last_text, last)| {
+        if *last_text != text {
+            *last = text.parse().map_err(serde::de::Error::custom)?;
+            *last_text = text;
+        }
+        Ok(last.clone())
+    })
+}
+
+/// A list read without the spare room a growing `Vec` keeps (room for four holders where
+/// a claim per IRQ has one).
+fn exact_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    let mut list = Vec::<T>::deserialize(d)?;
+    list.shrink_to_fit();
+    Ok(list)
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -413,6 +527,11 @@ impl State {
             version: FORMAT_VERSION,
             ..State::default()
         }
+    }
+
+    /// The claim on `path`, if any.
+    pub fn claim(&self, path: &str) -> Option<&Claim> {
+        self.claims.get(path).map(|c| &**c)
     }
 
     /// CPUs owned by every VM in the ledger except `vmid`.
@@ -461,7 +580,7 @@ impl State {
                     // The whole record, pins included, replaces any edit in progress.
                     editing.remove(&vmid);
                     match record {
-                        Some(record) => self.vms.insert(vmid, record),
+                        Some(record) => self.vms.insert(vmid, *record),
                         None => self.vms.remove(&vmid),
                     };
                 }
@@ -476,7 +595,7 @@ impl State {
                             e.insert(PinEdit::take(self.vms.entry(vmid).or_default()))
                         }
                     };
-                    edit.set(tid, pin);
+                    edit.set(tid, pin.map(|p| *p));
                 }
             }
         }
@@ -530,6 +649,44 @@ impl PinEdit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ledger holds a claim per IRQ, a batch a change per IRQ: none may grow unnoticed
+    /// (tests/ledger_memory.rs counts the bytes a claim costs on the heap).
+    #[test]
+    fn a_claim_and_a_change_stay_small() {
+        use std::mem::size_of;
+        let sizes = [
+            ("Claim", size_of::<Claim>(), 104),
+            ("Holder", size_of::<Holder>(), 48),
+            ("Compose", size_of::<Compose>(), 48),
+            ("Change", size_of::<Change>(), 32),
+            ("Extra", size_of::<Extra>(), 8),
+            ("CpuSet", size_of::<CpuSet>(), 16),
+        ];
+        for (name, size, most) in sizes {
+            assert!(size <= most, "{name}: {size} bytes, more than {most}");
+        }
+    }
+
+    /// The claims map is built from its entries in one go: in any order, and a path that
+    /// comes twice keeps its last claim, as a map filled by inserts did.
+    #[test]
+    fn claims_read_in_any_order_keep_the_last_of_a_path() {
+        let claim = |original: &str| format!(r#"{{"original":"{original}","holders":[]}}"#);
+        let text = format!(
+            r#"{{"version":2,"vms":{{}},"claims":{{"/proc/sys/b":{},"/proc/sys/a":{},"/proc/sys/b":{}}}}}"#,
+            claim("1"),
+            claim("2"),
+            claim("3")
+        );
+        let state: State = serde_json::from_str(&text).unwrap();
+        let read: Vec<(&str, &str)> = state
+            .claims
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.original.as_str()))
+            .collect();
+        assert_eq!(read, [("/proc/sys/a", "2"), ("/proc/sys/b", "3")]);
+    }
 
     #[test]
     fn effective_value_is_the_last_claimers() {

@@ -112,7 +112,7 @@ fn batch_costs(n: usize) -> [StoreStats; 3] {
             &mut state,
             vec![Change::Vm {
                 vmid: 100,
-                record: Some(record),
+                record: Some(Box::new(record)),
             }],
         )
         .unwrap();

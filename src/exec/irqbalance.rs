@@ -81,16 +81,16 @@ impl<H: Host> Executor<'_, H> {
     /// The claim this VM's ban of `cpus` leads to, and the intent to send it (see the module
     /// doc); None when there is nothing to do: irqbalance already bans every one of `cpus` and
     /// nobody holds the claim, or irqbalance cannot be read (a warning).
-    pub(super) fn ban_intent(
+    pub(super) fn ban_intent<'s>(
         &self,
-        socket: &str,
+        socket: &'s str,
         cpus: &CpuSet,
         (claims, seq): (&super::prepare::Batch, &Cell<u64>),
         applied: &mut super::Applied,
-    ) -> Option<(Claim, Intent)> {
+    ) -> Option<(Claim, Intent<'s>)> {
         let previous = claims
             .claim(socket)
-            .or_else(|| self.state.claims.get(socket))
+            .or_else(|| self.state.claim(socket))
             .cloned();
         let (current, mut claim) = match &previous {
             Some(claim) => (claim.effective().into_owned(), claim.clone()),
@@ -128,7 +128,7 @@ impl<H: Host> Executor<'_, H> {
         };
         self.hold(&mut claim, cpus.to_string(), seq);
         let intent = Intent::Write {
-            path: socket.to_string(),
+            path: socket.into(),
             current,
             effective: claim.effective().into_owned(),
             previous: previous.map(Box::new),
@@ -176,7 +176,7 @@ impl<H: Host> Executor<'_, H> {
         rest.holders.retain(|h| h.vmid != self.vmid);
         let drop_it = Some(Change::Claim {
             path: path.to_string(),
-            claim: (!rest.holders.is_empty()).then_some(rest.clone()),
+            claim: (!rest.holders.is_empty()).then(|| Box::new(rest.clone())),
         });
         let gone = |why: &str| {
             log::warn!(

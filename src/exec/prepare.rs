@@ -6,17 +6,18 @@ use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::{Action, Step};
 use crate::state::{Change, Claim, Compose, ComposeOp, Holder, PinRecord};
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
 
 impl<H: Host> Executor<'_, H> {
     /// Step 1 of a batch: reads every target once and works out the intents and the ledger
     /// entries they lead to, without changing anything (the ledger in memory included).
-    pub(super) fn prepare(
+    pub(super) fn prepare<'s>(
         &self,
-        steps: &[Step],
+        steps: &'s [Step],
         applied: &mut Applied,
-    ) -> Result<(Vec<Intent>, Vec<Change>), ExecError> {
+    ) -> Result<(Vec<Intent<'s>>, Vec<Change>), ExecError> {
         let mut intents = Vec::with_capacity(steps.len());
         // Entries as this batch leaves them so far: a path or thread that comes twice sees its
         // first change, and the value it will hold by then, without a lookup in a list.
@@ -67,8 +68,7 @@ impl<H: Host> Executor<'_, H> {
                     // CPUs off a holder's CPUs after that holder stopped. Each claimer's own
                     // usable CPUs are in its fallback (tunables/irqs.rs), so by induction the
                     // old fallback has every holder's.
-                    let fallback = match claims.claim(path).or_else(|| self.state.claims.get(path))
-                    {
+                    let fallback = match claims.claim(path).or_else(|| self.state.claim(path)) {
                         Some(Claim {
                             compose: Some(old),
                             holders,
@@ -187,7 +187,7 @@ impl<H: Host> Executor<'_, H> {
                     let compose = Some(Compose::of(ComposeOp::Add));
                     let value = pages.to_string();
                     if let Some((mut claim, intent)) =
-                        self.claim_intent(&path, value, compose, false, planned, applied)?
+                        self.claim_intent(path.clone(), value, compose, false, planned, applied)?
                     {
                         if *keep
                             && let Some(h) = claim.holders.iter_mut().find(|h| h.vmid == self.vmid)
@@ -196,7 +196,7 @@ impl<H: Host> Executor<'_, H> {
                         }
                         claims.changes.push(Change::Claim {
                             path: path.clone(),
-                            claim: Some(claim),
+                            claim: Some(Box::new(claim)),
                         });
                         // Keyed by the path in the batch's map, which borrows from `steps`:
                         // a reservation is one step per node and size, so no later step of
@@ -208,7 +208,7 @@ impl<H: Host> Executor<'_, H> {
                     functions,
                     timeout_ms,
                 } => {
-                    let previous = self.state.claims.get(super::PCI_RESCAN).cloned();
+                    let previous = self.state.claim(super::PCI_RESCAN).cloned();
                     let mut claim = previous.clone().unwrap_or_else(|| Claim {
                         original: String::new(),
                         holders: Vec::new(),
@@ -220,7 +220,7 @@ impl<H: Host> Executor<'_, H> {
                     self.hold(&mut claim, names.join(" "), &seq);
                     claims.changes.push(Change::Claim {
                         path: super::PCI_RESCAN.to_string(),
-                        claim: Some(claim),
+                        claim: Some(Box::new(claim)),
                     });
                     intents.push(Intent::RemoveRescan {
                         functions: functions.clone(),
@@ -269,7 +269,7 @@ impl<H: Host> Executor<'_, H> {
                     claims.changes.push(Change::Pin {
                         vmid: self.vmid,
                         tid,
-                        pin: Some(record.clone()),
+                        pin: Some(Box::new(record.clone())),
                     });
                     pins.insert(tid, record);
                     intents.push(Intent::Pin {
@@ -290,20 +290,23 @@ impl<H: Host> Executor<'_, H> {
     /// composed file this VM leaves as it is and nobody holds (no claim needed; one that another
     /// VM holds is joined even unchanged, so that this VM's CPUs stay out when that VM stops),
     /// or a refusable target that vanished (an IRQ torn down since /proc/irq was listed).
-    fn claim_intent(
+    fn claim_intent<'s>(
         &self,
-        path: &str,
+        path: impl Into<Cow<'s, str>>,
         value: String,
         compose: Option<Compose>,
         refusable: bool,
         (claims, seq): (&Batch, &Cell<u64>),
         applied: &mut Applied,
-    ) -> Result<Option<(Claim, Intent)>, ExecError> {
+    ) -> Result<Option<(Claim, Intent<'s>)>, ExecError> {
+        // The intent keeps the path as the step has it (borrowed: an intent per IRQ).
+        let key = path.into();
+        let path: &str = &key;
         let op = compose.as_ref().map(|c| c.op);
         let (current, previous) = match claims.claim(path) {
             Some(claim) => (claim.effective().into_owned(), Some(claim.clone())),
             None => {
-                let previous = self.state.claims.get(path).cloned();
+                let previous = self.state.claim(path).cloned();
                 let mut words = previous.as_ref().map(managed_words).unwrap_or_default();
                 words.push(value.clone());
                 match self.read_as(path, op, &words) {
@@ -338,7 +341,7 @@ impl<H: Host> Executor<'_, H> {
             return Ok(None);
         }
         let intent = Intent::Write {
-            path: path.to_string(),
+            path: key,
             current,
             effective,
             previous: previous.map(Box::new),
@@ -386,7 +389,7 @@ impl<'s> Batch<'s> {
     /// The claim on `path` as this batch leaves it so far (None: not planned yet).
     pub(super) fn claim(&self, path: &str) -> Option<&Claim> {
         match self.changes.get(*self.at.get(path)?)? {
-            Change::Claim { claim, .. } => claim.as_ref(),
+            Change::Claim { claim, .. } => claim.as_deref(),
             _ => None,
         }
     }
@@ -395,7 +398,7 @@ impl<'s> Batch<'s> {
         self.at.insert(path, self.changes.len());
         self.changes.push(Change::Claim {
             path: path.to_string(),
-            claim: Some(claim),
+            claim: Some(Box::new(claim)),
         });
     }
 }
@@ -424,9 +427,9 @@ fn rebase_pool(claim: &mut Claim, current: &str) {
 /// the same path see.
 fn record<'s>(
     path: &'s str,
-    (claim, intent): (Claim, Intent),
+    (claim, intent): (Claim, Intent<'s>),
     claims: &mut Batch<'s>,
-    intents: &mut Vec<Intent>,
+    intents: &mut Vec<Intent<'s>>,
 ) {
     claims.push_claim(path, claim);
     intents.push(intent);

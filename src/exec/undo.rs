@@ -19,13 +19,13 @@ impl<H: Host> Executor<'_, H> {
         for (i, intent) in intents.iter().enumerate().rev() {
             let undone = match intent {
                 Intent::Write { path, previous, .. } if i > failed => Ok(Change::Claim {
-                    path: path.clone(),
-                    claim: previous.as_deref().cloned(),
+                    path: path.to_string(),
+                    claim: previous.clone(),
                 }),
                 Intent::Pin { tid, previous, .. } if i > failed => Ok(Change::Pin {
                     vmid: self.vmid,
                     tid: *tid,
-                    pin: previous.as_deref().cloned(),
+                    pin: previous.clone(),
                 }),
                 Intent::Write {
                     path,
@@ -47,8 +47,8 @@ impl<H: Host> Executor<'_, H> {
                     };
                     now.and_then(|now| self.put(path, &now, before, *op))
                         .map(|_| Change::Claim {
-                            path: path.clone(),
-                            claim: previous.as_deref().cloned(),
+                            path: path.to_string(),
+                            claim: previous.clone(),
                         })
                 }
                 Intent::Move { tid, from, .. } if i < failed => {
@@ -76,7 +76,7 @@ impl<H: Host> Executor<'_, H> {
                 Intent::Move { .. } | Intent::Expect { .. } | Intent::Trigger { .. } => continue,
                 Intent::RemoveRescan { previous, .. } if i > failed => Ok(Change::Claim {
                     path: super::PCI_RESCAN.to_string(),
-                    claim: previous.as_deref().cloned(),
+                    claim: previous.clone(),
                 }),
                 Intent::RemoveRescan {
                     functions,
@@ -87,7 +87,7 @@ impl<H: Host> Executor<'_, H> {
                     let ids: Vec<_> = functions.iter().map(|(id, _)| *id).collect();
                     self.rescan_missing(&ids).map(|()| Change::Claim {
                         path: super::PCI_RESCAN.to_string(),
-                        claim: previous.as_deref().cloned(),
+                        claim: previous.clone(),
                     })
                 }
                 Intent::Pin {
@@ -98,7 +98,7 @@ impl<H: Host> Executor<'_, H> {
                 } => self.restore_affinity(*tid, before).map(|()| Change::Pin {
                     vmid: self.vmid,
                     tid: *tid,
-                    pin: previous.as_deref().cloned(),
+                    pin: previous.clone(),
                 }),
             };
             match undone {
@@ -142,9 +142,8 @@ impl<H: Host> Executor<'_, H> {
             .map(|(h, p)| (h.seq, p))
             .collect();
         paths.sort_unstable();
-        let paths: Vec<String> = paths.into_iter().map(|(_, p)| p.clone()).collect();
         let mut deferred = Vec::new();
-        for path in paths.iter().rev() {
+        for (_, path) in paths.iter().rev() {
             match self.release_claim(path) {
                 Ok(change) => changes.extend(change),
                 Err(e) if deferrable(&e) => deferred.push(path),
@@ -203,7 +202,7 @@ impl<H: Host> Executor<'_, H> {
     /// ledger entry that drops it (to be journaled after the write: a crash in between leaves
     /// the claim, and the release is simply done again).
     fn release_claim(&self, path: &str) -> Result<Option<Change>, ExecError> {
-        let Some(claim) = self.state.claims.get(path) else {
+        let Some(claim) = self.state.claim(path) else {
             return Ok(None);
         };
         if claim.op() == Some(ComposeOp::Ban) {
@@ -213,7 +212,7 @@ impl<H: Host> Executor<'_, H> {
         rest.holders.retain(|h| h.vmid != self.vmid);
         let released = || Change::Claim {
             path: path.to_string(),
-            claim: (!rest.holders.is_empty()).then(|| rest.clone()),
+            claim: (!rest.holders.is_empty()).then(|| Box::new(rest.clone())),
         };
         if claim.op() == Some(ComposeOp::Rescan) {
             // A removal a crash interrupted: bring back whatever is missing.

@@ -18,7 +18,7 @@ struct SnapshotRef<'a> {
     version: u32,
     generation: u64,
     vms: &'a BTreeMap<u32, VmRecord>,
-    claims: &'a BTreeMap<String, Claim>,
+    claims: &'a BTreeMap<String, Box<Claim>>,
     #[serde(flatten)]
     extra: &'a Extra,
 }
@@ -81,7 +81,7 @@ pub enum StateError {
 pub struct StoreStats {
     /// Full rewrites of `state.json` (or its removal, for an emptied ledger).
     pub rewrites: usize,
-    /// Lines appended to the journal (one write and one fdatasync each).
+    /// Lines appended to the journal (one fdatasync each).
     pub appends: usize,
     /// Changes those lines carried.
     pub changes: usize,
@@ -137,14 +137,22 @@ impl Store {
         if !self.check_dir()? {
             return Ok(State::empty());
         }
-        let Some(text) = self.read_if_present(&path)? else {
+        let Some(file) = self.open_if_present(&path)? else {
             return Ok(State::empty());
         };
-        let mut state: State =
-            serde_json::from_str(&text).map_err(|source| StateError::Corrupt {
-                path: path.clone(),
-                source,
-            })?;
+        // Parsed as it is read, a buffer's worth at a time: the text of a snapshot with a
+        // claim per IRQ is megabytes, which would be held beside the ledger it parses into.
+        let reader = std::io::BufReader::with_capacity(1 << 16, file);
+        let mut state: State = serde_json::from_reader(reader).map_err(|source| {
+            if source.is_io() {
+                self.io(path.clone())(source.into())
+            } else {
+                StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
         if state.version > FORMAT_VERSION {
             return Err(StateError::Version {
                 path,
@@ -232,7 +240,7 @@ impl Store {
     }
 
     /// Makes `changes` durable, then applies them to `state`: one line appended to the
-    /// journal, with one write and one fdatasync, whatever the number of changes. When no
+    /// journal, with one fdatasync, whatever the number of changes. When no
     /// snapshot exists yet (an empty ledger) the journal would have nothing to follow, so the
     /// changes are saved as a new snapshot instead. On error `state` is left as it was.
     pub fn append(&self, state: &mut State, changes: Vec<Change>) -> Result<(), StateError> {
@@ -262,30 +270,35 @@ impl Store {
             return Ok(());
         }
         let path = self.dir.join(JOURNAL_FILE);
-        let mut line = serde_json::to_string(&JournalLine {
-            v: FORMAT_VERSION,
-            generation: state.generation,
-            changes: &changes,
-        })
-        .map_err(|source| StateError::Corrupt {
-            path: path.clone(),
-            source,
-        })?;
-        line.push('\n');
-        let (mut file, len) = match self.journal.borrow_mut().take() {
+        let (file, len) = match self.journal.borrow_mut().take() {
             Some(open) => open,
             None => self.open_journal()?,
         };
-        let written = file
-            .write_all(line.as_bytes())
-            .and_then(|()| file.sync_data());
-        if let Err(e) = written {
-            // Take back what may have reached the file, so that no later line follows a torn
-            // or unsynced one; the next append reopens (and checks) it.
-            let _ = file.set_len(len);
-            return Err(self.io(path)(e));
-        }
-        *self.journal.borrow_mut() = Some((file, len + line.len() as u64));
+        // Serialized straight into the file, a buffer's worth at a time, not into a copy of the
+        // whole line in memory first: a pre-start's line holds a claim per IRQ (megabytes).
+        // Compact JSON has no raw newline, so until the last byte is written the file ends in a
+        // line without its newline, which load ignores (a crash at any point in between loses
+        // nothing: none of the writes it announces has started).
+        let line = JournalLine {
+            v: FORMAT_VERSION,
+            generation: state.generation,
+            changes: &changes,
+        };
+        let written = write_line(&file, &line)
+            .and_then(|n| file.sync_data().map(|()| n).map_err(LineError::Io));
+        let written = match written {
+            Ok(n) => n,
+            Err(e) => {
+                // Take back what may have reached the file, so that no later line follows a
+                // torn or unsynced one; the next append reopens (and checks) it.
+                let _ = file.set_len(len);
+                return Err(match e {
+                    LineError::Io(e) => self.io(path)(e),
+                    LineError::Json(source) => StateError::Corrupt { path, source },
+                });
+            }
+        };
+        *self.journal.borrow_mut() = Some((file, len + written));
         let count = changes.len();
         state.apply(changes);
         self.count(|s| {
@@ -474,14 +487,21 @@ impl Store {
         self.check_dir().map(|_| ())
     }
 
+    /// A ledger file open for reading (None: absent), never through a link.
+    fn open_if_present(&self, path: &std::path::Path) -> Result<Option<File>, StateError> {
+        match open_in_run_dir(OpenOptions::new().read(true), path) {
+            Ok(file) => Ok(Some(file)),
+            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// A ledger file's text (None: absent), never read through a link.
     fn read_if_present(&self, path: &std::path::Path) -> Result<Option<String>, StateError> {
-        let mut file = match open_in_run_dir(OpenOptions::new().read(true), path) {
-            Ok(file) => file,
-            Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+        let Some(mut file) = self.open_if_present(path)? else {
+            return Ok(None);
         };
         let mut text = String::new();
         file.read_to_string(&mut text)
@@ -516,6 +536,49 @@ impl Store {
                 Err((_, errno)) => return Err(self.io(path)(errno.into())),
             }
         }
+    }
+}
+
+/// Why a journal line could not be written.
+enum LineError {
+    Io(std::io::Error),
+    Json(serde_json::Error),
+}
+
+/// Writes `line` and its newline at the end of `file` (open for appending) through a buffer,
+/// and returns how many bytes it wrote.
+fn write_line(file: &File, line: &JournalLine) -> Result<u64, LineError> {
+    // Counted under the buffer: once per 64 KiB written, not once per JSON token.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, Counted { file, bytes: 0 });
+    serde_json::to_writer(&mut out, line).map_err(|e| {
+        if e.is_io() {
+            LineError::Io(e.into())
+        } else {
+            LineError::Json(e)
+        }
+    })?;
+    out.write_all(b"\n").map_err(LineError::Io)?;
+    let counted = out
+        .into_inner()
+        .map_err(|e| LineError::Io(e.into_error()))?;
+    Ok(counted.bytes)
+}
+
+/// A file that counts the bytes written to it.
+struct Counted<'f> {
+    file: &'f File,
+    bytes: u64,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }
 

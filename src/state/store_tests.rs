@@ -49,7 +49,7 @@ impl Drop for Dir {
 fn claim(path: &str, vmid: u32, value: &str) -> Change {
     Change::Claim {
         path: path.into(),
-        claim: Some(Claim {
+        claim: Some(Box::new(Claim {
             original: "1\n".into(),
             holders: vec![Holder {
                 vmid,
@@ -59,7 +59,7 @@ fn claim(path: &str, vmid: u32, value: &str) -> Change {
             }],
             compose: None,
             extra: Extra::new(),
-        }),
+        })),
     }
 }
 
@@ -67,24 +67,24 @@ fn pin(tid: i32, cpu: u32) -> Change {
     Change::Pin {
         vmid: 100,
         tid,
-        pin: Some(PinRecord {
+        pin: Some(Box::new(PinRecord {
             tid,
             label: format!("t{tid}"),
             old: CpuSet::range(0, 1),
             new: CpuSet::range(cpu, cpu),
             start_time: None,
             extra: Extra::new(),
-        }),
+        })),
     }
 }
 
 fn vm_record() -> Change {
     Change::Vm {
         vmid: 100,
-        record: Some(VmRecord {
+        record: Some(Box::new(VmRecord {
             cpus: CpuSet::range(4, 7),
             ..Default::default()
-        }),
+        })),
     }
 }
 
