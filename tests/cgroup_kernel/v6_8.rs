@@ -6,6 +6,9 @@
 //!   their `cpuset.cpus` `isolated invalid (Invalid cpu list in cpuset.cpus.exclusive)`;
 //! - siblings are checked against each other when either has exclusive CPUs, each by
 //!   `fetch_xcpus`: its exclusive CPUs when set, else its `cpuset.cpus` (`validate_change`).
+//!   That is upstream 6.8.0; Ubuntu's 6.8.0-151 in the lab accepts a sibling's `cpuset.cpus`
+//!   over exclusive CPUs (docs/kernel-facts.md, `sibling.superset`): the model keeps the
+//!   stricter rule, so an order of steps that passes here passes on both.
 //!
 //! One rule holds up to 6.17 and is modelled for every kernel: `cpuset.cpus` cannot go from
 //! non-empty to empty while the cgroup (or a descendant) has tasks (ENOSPC).
