@@ -66,15 +66,7 @@ fn one_vm_gets_an_isolated_partition_and_gives_back_the_tree() {
 fn rollback_of_a_running_vm_takes_its_threads_out_of_the_partition_first() {
     let lab = Lab::new("7.0.13+deb13-cloud-amd64");
     lab.start(100);
-    let store = Store::new(&lab.env.root);
-    let mut state = store.load().unwrap();
-    let out = pvetune::hook::rollback_vm(&lab.env, &lab.kernel, &store, &mut state, 100);
-    assert!(out.is_ok(), "{out:?}");
-    assert!(
-        !lab.path()
-            .join("sys/fs/cgroup/qemu.slice/100.scope/vcpus")
-            .exists()
-    );
+    lab.rollback_running(100);
     for tid in 10000..10006 {
         assert_eq!(
             lab.kernel.cgroup_of(tid).as_deref(),

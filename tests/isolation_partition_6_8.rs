@@ -167,15 +167,7 @@ fn rollback_of_a_running_vm_on_6_8_leaves_the_scope_cpus_until_qemu_exits() {
     systemd_manages_cpuset(&lab);
     let before = lab.cgroups();
     lab.start(100);
-    let store = Store::new(&lab.env.root);
-    let mut state = store.load().unwrap();
-    let out = pvetune::hook::rollback_vm(&lab.env, &lab.kernel, &store, &mut state, 100);
-    assert!(out.is_ok(), "{out:?}");
-    assert!(
-        !lab.path()
-            .join("sys/fs/cgroup/qemu.slice/100.scope/vcpus")
-            .exists()
-    );
+    lab.rollback_running(100);
     for tid in 10000..10006 {
         assert_eq!(
             lab.kernel.get_affinity(tid).unwrap(),

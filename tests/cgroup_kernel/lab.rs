@@ -140,6 +140,17 @@ impl Lab {
             .expect("post-stop");
     }
 
+    /// `pvetune rollback` of a running VM, as the hook library does it: it must succeed and
+    /// take the `vcpus` cgroup away.
+    pub fn rollback_running(&self, vmid: u32) {
+        let store = Store::new(&self.env.root);
+        let mut state = store.load().unwrap();
+        let out = pvetune::hook::rollback_vm(&self.env, &self.kernel, &store, &mut state, vmid);
+        assert!(out.is_ok(), "{out:?}");
+        let vcpus = format!("sys/fs/cgroup/qemu.slice/{vmid}.scope/vcpus");
+        assert!(!self.path().join(vcpus).exists());
+    }
+
     pub fn cgroups(&self) -> BTreeMap<String, Vec<u8>> {
         snapshot(&self.path().join("sys/fs/cgroup"))
     }
