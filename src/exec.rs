@@ -459,7 +459,7 @@ pub fn managed_words(claim: &Claim) -> Vec<String> {
         .original
         .split_whitespace()
         .map(str::to_string)
-        .chain(claim.holders.iter().map(|h| h.value.clone()))
+        .chain(claim.holders.iter().map(|h| h.value.to_string()))
         .collect()
 }
 

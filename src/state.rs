@@ -69,6 +69,14 @@ use std::time::{Duration, Instant};
 mod store;
 pub use store::{NodeLock, StateError, Store, StoreStats, config_lock_held};
 
+/// The text of a ledger entry (a file's original content, a holder's value): kept in place up
+/// to 24 bytes (`0-255\n`, `0-1`), without an allocation of its own; the ledger holds a claim
+/// per IRQ, each with two of them.
+pub type Text = compact_str::CompactString;
+
+/// A claim's holders: one kept in the claim itself, more on the heap (a claim per IRQ has one).
+pub type Holders = smallvec::SmallVec<[Holder; 1]>;
+
 const STATE_FILE: &str = "state.json";
 const JOURNAL_FILE: &str = "state.journal";
 const LOCK_FILE: &str = "lock";
@@ -222,9 +230,9 @@ pub struct PinRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
     /// Exact file content before the first claim.
-    pub original: String,
-    #[serde(deserialize_with = "exact_vec")]
-    pub holders: Vec<Holder>,
+    pub original: Text,
+    /// Most claims have one holder (a claim per IRQ): it is kept in the claim itself.
+    pub holders: Holders,
     /// Set for a file whose value is a CPU set composed from every holder (an IRQ's
     /// affinity): each holder's `value` is then the CPUs it takes out, not a value to write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,7 +337,7 @@ pub const DIR_ABSENT: &str = "absent";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub vmid: u32,
-    pub value: String,
+    pub value: Text,
     /// Order in which this VM took its claims (1, 2, ...): rollback releases them last first,
     /// so a cgroup's files go before the cgroup and a child before its parent. 0 in ledgers
     /// written before it was recorded (released in reverse path order, as then).
@@ -504,16 +512,6 @@ fn shared_set<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CpuSet, D::Error
         }
         Ok(last.clone())
     })
-}
-
-/// A list read without the spare room a growing `Vec` keeps (room for four holders where
-/// a claim per IRQ has one).
-fn exact_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Vec<T>, D::Error> {
-    let mut list = Vec::<T>::deserialize(d)?;
-    list.shrink_to_fit();
-    Ok(list)
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -692,7 +690,7 @@ mod tests {
     fn effective_value_is_the_last_claimers() {
         let mut claim = Claim {
             original: "1\n".into(),
-            holders: vec![],
+            holders: Holders::new(),
             compose: None,
             extra: Extra::new(),
         };
@@ -722,7 +720,7 @@ mod tests {
         };
         let claim = |original: &str| Claim {
             original: original.into(),
-            holders: vec![],
+            holders: Holders::new(),
             compose: Some(Compose {
                 op: ComposeOp::Exclude,
                 format: CpuFormat::List,
@@ -765,7 +763,7 @@ mod tests {
         };
         let mut ban = Claim {
             original: "NULL".into(),
-            holders: vec![holder(100, "6-11"), holder(101, "3-5")],
+            holders: smallvec::smallvec![holder(100, "6-11"), holder(101, "3-5")],
             compose: Some(Compose {
                 base: "2".parse().unwrap(),
                 ..Compose::of(ComposeOp::Ban)

@@ -22,7 +22,7 @@ use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::irqbalance::{self, IrqbalanceError, pid_of_socket, restore_arg_of};
 use crate::root::{Root, paths};
-use crate::state::{Change, Claim, Compose, ComposeOp};
+use crate::state::{Change, Claim, Compose, ComposeOp, Holders};
 use std::cell::Cell;
 use std::io;
 use std::time::{Duration, Instant};
@@ -115,15 +115,15 @@ impl<H: Host> Executor<'_, H> {
                     return None;
                 }
                 let claim = Claim {
-                    original: setting.original_text(),
-                    holders: Vec::new(),
+                    original: setting.original_text().into(),
+                    holders: Holders::new(),
                     compose: Some(Compose {
                         base: setting.cpus().clone(),
                         ..Compose::of(ComposeOp::Ban)
                     }),
                     extra: Default::default(),
                 };
-                (claim.original.clone(), claim)
+                (claim.original.to_string(), claim)
             }
         };
         self.hold(&mut claim, cpus.to_string(), seq);

@@ -5,7 +5,7 @@ use super::{Applied, ExecError, Executor, Intent, gone, managed_words, pin_error
 use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::{Action, Step};
-use crate::state::{Change, Claim, Compose, ComposeOp, Holder, PinRecord};
+use crate::state::{Change, Claim, Compose, ComposeOp, Holder, Holders, PinRecord, Text};
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -210,8 +210,8 @@ impl<H: Host> Executor<'_, H> {
                 } => {
                     let previous = self.state.claim(super::PCI_RESCAN).cloned();
                     let mut claim = previous.clone().unwrap_or_else(|| Claim {
-                        original: String::new(),
-                        holders: Vec::new(),
+                        original: Text::new(""),
+                        holders: Holders::new(),
                         compose: Some(Compose::of(ComposeOp::Rescan)),
                         extra: Default::default(),
                     });
@@ -320,8 +320,8 @@ impl<H: Host> Executor<'_, H> {
             }
         };
         let mut claim = previous.clone().unwrap_or_else(|| Claim {
-            original: current.clone(),
-            holders: Vec::new(),
+            original: current.as_str().into(),
+            holders: Holders::new(),
             compose: None,
             extra: Default::default(),
         });
@@ -353,13 +353,12 @@ impl<H: Host> Executor<'_, H> {
 
     /// Makes this VM a holder of `claim` with `value` (replacing its earlier value); a new
     /// holding takes the next number of this VM's claim order.
-    pub(super) fn hold(&self, claim: &mut Claim, value: String, seq: &Cell<u64>) {
+    pub(super) fn hold(&self, claim: &mut Claim, value: impl Into<Text>, seq: &Cell<u64>) {
+        let value = value.into();
         match claim.holders.iter_mut().find(|h| h.vmid == self.vmid) {
             Some(h) => h.value = value,
             None => {
                 seq.set(seq.get() + 1);
-                // Most claims have one holder: no room for four (a claim per IRQ).
-                claim.holders.reserve_exact(1);
                 claim.holders.push(Holder {
                     vmid: self.vmid,
                     value,
@@ -419,7 +418,7 @@ fn rebase_pool(claim: &mut Claim, current: &str) {
         && !claim.holders.is_empty()
         && now >= held
     {
-        claim.original = format!("{}\n", now - held);
+        claim.original = compact_str::format_compact!("{}\n", now - held);
     }
 }
 

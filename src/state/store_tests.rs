@@ -51,7 +51,7 @@ fn claim(path: &str, vmid: u32, value: &str) -> Change {
         path: path.into(),
         claim: Some(Box::new(Claim {
             original: "1\n".into(),
-            holders: vec![Holder {
+            holders: smallvec::smallvec![Holder {
                 vmid,
                 value: value.into(),
                 seq: 0,
