@@ -30,7 +30,39 @@ use crate::plan::{Action, Step, ThreadRef};
 use crate::root::Root;
 use crate::state::{Change, Claim, ComposeOp, PinRecord, State, StateError, Store, VmRecord};
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::io;
+
+/// The most steps of a stage made as one batch (a journal line and a sync each): what a batch
+/// holds in memory beside the ledger is bounded by it, whatever the number of IRQs.
+pub const CHUNK: usize = 1024;
+
+/// The batches of `steps`: its stages between [`Action::Barrier`]s (which go), each cut in
+/// batches of at most [`CHUNK`] steps. Each batch is a `Vec` of its own, so that it is freed
+/// once made.
+fn batches(steps: Vec<Step>) -> Vec<Vec<Step>> {
+    let mut out = Vec::new();
+    let mut batch = Vec::new();
+    let total = steps.len();
+    for step in steps {
+        if step.action == Action::Barrier {
+            out.push(std::mem::take(&mut batch));
+            continue;
+        }
+        if batch.len() == CHUNK {
+            out.push(std::mem::take(&mut batch));
+        }
+        if batch.capacity() == 0 {
+            batch.reserve_exact(CHUNK.min(total));
+        }
+        batch.push(step);
+    }
+    out.push(batch);
+    for batch in &mut out {
+        batch.shrink_to_fit();
+    }
+    out
+}
 
 mod cgroup;
 mod irqbalance;
@@ -103,6 +135,7 @@ pub struct Applied {
 
 /// One change of a batch, as planned before anything is changed. `'s`: the steps it was
 /// planned from, whose paths it borrows (a batch has an intent per IRQ).
+#[derive(Debug)]
 enum Intent<'s> {
     /// Claim `path` for this VM: the file holds `current` and is to hold `effective`.
     Write {
@@ -149,6 +182,79 @@ enum Intent<'s> {
     },
 }
 
+impl Intent<'_> {
+    /// A made intent whose undo the ledger does as well: a new claim on a composed CPU set
+    /// file, whose release writes back its original (the bytes this intent read) without
+    /// depending on any other file (see [`Executor::release_new`]).
+    fn released_by_ledger(&self) -> bool {
+        matches!(
+            self,
+            Intent::Write {
+                previous: None,
+                op: Some(ComposeOp::Exclude),
+                ..
+            }
+        )
+    }
+
+    /// The intent without its borrow of the steps (kept after they are freed).
+    fn into_owned(self) -> Intent<'static> {
+        match self {
+            Intent::Write {
+                path,
+                current,
+                effective,
+                previous,
+                refusable,
+                op,
+            } => Intent::Write {
+                path: Cow::Owned(path.into_owned()),
+                current,
+                effective,
+                previous,
+                refusable,
+                op,
+            },
+            Intent::Move {
+                thread,
+                tid,
+                from,
+                to,
+            } => Intent::Move {
+                thread,
+                tid,
+                from,
+                to,
+            },
+            Intent::Expect { path, value } => Intent::Expect { path, value },
+            Intent::Cycle { path } => Intent::Cycle { path },
+            Intent::Trigger { path, value } => Intent::Trigger { path, value },
+            Intent::RemoveRescan {
+                functions,
+                timeout,
+                previous,
+            } => Intent::RemoveRescan {
+                functions,
+                timeout,
+                previous,
+            },
+            Intent::Pin {
+                thread,
+                tid,
+                cpus,
+                current,
+                previous,
+            } => Intent::Pin {
+                thread,
+                tid,
+                cpus,
+                current,
+                previous,
+            },
+        }
+    }
+}
+
 pub struct Executor<'a, H: Host> {
     pub root: &'a Root,
     pub host: &'a H,
@@ -173,18 +279,36 @@ impl<'a, H: Host> Executor<'a, H> {
     }
 
     /// Applies the steps in order, as one batch (see the module doc) per stage between
-    /// [`Action::Barrier`]s. On the first failure, every change made by this call is undone
-    /// (in reverse, the stages before included), and the error is returned.
-    pub fn apply(&mut self, steps: &[Step]) -> Result<Applied, ExecError> {
+    /// [`Action::Barrier`]s, a stage of more than [`CHUNK`] steps (a step per IRQ) in batches
+    /// of that many. On the first failure, every change made by this call is undone (in
+    /// reverse, the batches before included), and the error is returned.
+    ///
+    /// Memory stays bounded by the ledger (docs/performance.md): the steps are taken, not
+    /// lent, and each batch's are freed once it is made; of a batch made, only the intents
+    /// that the ledger cannot take back are kept. A new claim on a composed CPU set file (an
+    /// IRQ's affinity: [`ComposeOp::Exclude`]) is such a claim's release, which writes back its
+    /// original, the bytes the batch read: so a failure later in the call releases those
+    /// claims from the ledger (see [`Executor::release_new`]) instead of keeping an intent per
+    /// IRQ.
+    pub fn apply(&mut self, steps: Vec<Step>) -> Result<Applied, ExecError> {
         let mut applied = Applied::default();
-        let mut done: Vec<Vec<Intent<'_>>> = Vec::new();
-        for stage in steps.split(|s| s.action == Action::Barrier) {
-            match self.apply_stage(stage, &mut applied) {
-                Ok(intents) => done.push(intents),
+        let seq = Cell::new(self.last_seq());
+        let before = seq.get();
+        let mut done: Vec<Vec<Intent<'static>>> = Vec::new();
+        for batch in batches(steps) {
+            match self.apply_stage(&batch, &mut applied, &seq) {
+                Ok(intents) => done.push(
+                    intents
+                        .into_iter()
+                        .filter(|i| !i.released_by_ledger())
+                        .map(Intent::into_owned)
+                        .collect(),
+                ),
                 Err(e) => {
                     for intents in done.iter().rev() {
                         self.undo(intents, intents.len());
                     }
+                    self.release_new(before);
                     return Err(e);
                 }
             }
@@ -192,11 +316,23 @@ impl<'a, H: Host> Executor<'a, H> {
         Ok(applied)
     }
 
+    /// The highest number in this VM's claim order (see [`crate::state::Holder::seq`]).
+    fn last_seq(&self) -> u64 {
+        self.state
+            .claims
+            .values()
+            .filter_map(|c| c.holder(self.vmid))
+            .map(|h| h.seq)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// One batch: prepare, record, change. A failure undoes this batch and is returned.
     fn apply_stage<'s>(
         &mut self,
         steps: &'s [Step],
         applied: &mut Applied,
+        seq: &Cell<u64>,
     ) -> Result<Vec<Intent<'s>>, ExecError> {
         // qemu-server allocates under this lock: a pool is never changed beside it.
         let _hugepages = steps
@@ -204,7 +340,7 @@ impl<'a, H: Host> Executor<'a, H> {
             .any(|s| matches!(s.action, Action::Reserve { .. }))
             .then(|| memory::hugepage_lock(self.root))
             .transpose()?;
-        let (intents, changes) = self.prepare(steps, applied)?;
+        let (intents, changes) = self.prepare(steps, applied, seq)?;
         self.store.append(&mut self.state, changes)?;
         let mut gone = Vec::new();
         for (i, intent) in intents.iter().enumerate() {

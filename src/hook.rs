@@ -266,7 +266,7 @@ fn run_phase<H: Host>(
                 phase: phase.to_string(),
                 ..Default::default()
             };
-            execute(env, host, store, state, (vmid, record), phase, &plan)
+            execute(env, host, store, state, (vmid, record), phase, plan)
         }
         Phase::PostStart => {
             let Some(mut loaded) = loaded else {
@@ -288,7 +288,7 @@ fn run_phase<H: Host>(
             record.pid = Some(running.pid);
             record.start_time = Some(running.start_time);
             record.phase = phase.to_string();
-            let mut done = execute(env, host, store, state, (vmid, record), phase, &plan)?;
+            let mut done = execute(env, host, store, state, (vmid, record), phase, plan)?;
             // What the kernel did by itself, in the hook's output (qemu-server's task log).
             if loaded.profile.isolation.verify_kthreads()
                 && let Some(cpus) = loaded.cpus.as_ref().map(|c| &c.value)
@@ -332,7 +332,7 @@ fn execute<H: Host>(
     state: &mut State,
     (vmid, record): (u32, VmRecord),
     phase: Phase,
-    plan: &Plan,
+    plan: Plan,
 ) -> Result<String, Error> {
     let record = Change::Vm {
         vmid,
@@ -353,7 +353,10 @@ fn execute<H: Host>(
         }
     }
     let mut exec = Executor::new(&env.root, host, store, std::mem::take(state), vmid);
-    let applied = exec.apply(&plan.steps);
+    let skipped = plan.skipped.len();
+    // Handed over, not lent: the executor frees each stretch of steps once it is made (a
+    // step per IRQ).
+    let applied = exec.apply(plan.steps);
     *state = exec.state;
     let applied = applied.map_err(|source| Error::Apply { phase, source })?;
     if !applied.refused.is_empty()
@@ -369,7 +372,7 @@ fn execute<H: Host>(
             log::warn!("ledger: the refused IRQs are not recorded for status: {e}");
         }
     }
-    Ok(summary(vmid, phase, &applied, plan.skipped.len()))
+    Ok(summary(vmid, phase, &applied, skipped))
 }
 
 fn summary(vmid: u32, phase: Phase, a: &Applied, skipped: usize) -> String {

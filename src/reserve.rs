@@ -93,7 +93,7 @@ pub fn reserve<H: Host>(env: &Env, host: &H) -> Result<Vec<String>, Error> {
             })
             .collect();
         let mut exec = Executor::new(&env.root, host, &store, std::mem::take(&mut state), vmid);
-        let applied = exec.apply(&steps);
+        let applied = exec.apply(steps);
         state = exec.state;
         match applied {
             Ok(_) => {

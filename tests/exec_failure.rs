@@ -65,7 +65,7 @@ fn failure_at_every_step_restores_everything() {
         let host = FailAt::new(RealHost, fail_at);
         let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
         let err = exec
-            .apply(&plan)
+            .apply(plan.clone())
             .expect_err("the injected failure must surface");
         assert!(
             err.to_string().contains("Input/output error"),
@@ -92,7 +92,7 @@ fn failure_at_every_step_restores_everything() {
     let root = Root::new(&tree.path);
     let store = Store::new(&root);
     let mut exec = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
-    let applied = exec.apply(&plan).unwrap();
+    let applied = exec.apply(plan.clone()).unwrap();
     assert_eq!(applied.changed, plan.len());
     assert_eq!(
         fixture::read(&tree.path, "/proc/sys/vm/stat_interval"),
@@ -115,7 +115,7 @@ fn ledger_written_before_the_change_lets_a_later_run_undo_a_crash() {
     let plan = &steps(0)[1..];
     {
         let mut exec = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
-        exec.apply(plan).unwrap();
+        exec.apply(plan.to_vec()).unwrap();
     } // the process "dies" here: nothing in memory survives
     let mut later = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
     assert!(later.rollback(false).is_empty());
@@ -288,7 +288,7 @@ fn crash_at_every_point_of_a_batch_is_undone_by_a_later_run() {
         let host = CrashAt::new(RealHost, crash_at);
         let mut exec = scene.executor(&host, 100);
         let crashed = crashes(|| {
-            exec.apply(&plan).unwrap();
+            exec.apply(plan.clone()).unwrap();
         });
         assert_eq!(crashed, crash_at <= plan.len(), "crash {crash_at}");
         // Change 1 is the pin: from crash 3 on, files were changed before the crash.
@@ -314,7 +314,7 @@ fn crash_while_undoing_a_failed_batch_is_undone_by_a_later_run() {
             let host = CrashAt::new(FailAt::new(RealHost, fail_at), crash_at);
             let mut exec = scene.executor(&host, 100);
             let crashed = crashes(|| {
-                let _ = exec.apply(&plan);
+                let _ = exec.apply(plan.clone());
             });
             assert!(crashed, "fail {fail_at}, crash {crash_at}");
             scene.later_rollback_restores(
@@ -331,7 +331,7 @@ fn crash_in_the_middle_of_a_rollback_is_finished_by_a_later_run() {
     let plan = steps(thread.pid);
     for crash_at in 1..=plan.len() {
         let scene = Scene::new();
-        scene.executor(&RealHost, 100).apply(&plan).unwrap();
+        scene.executor(&RealHost, 100).apply(plan.clone()).unwrap();
         let host = CrashAt::new(RealHost, crash_at);
         let mut stopping = scene.executor(&host, 100);
         let crashed = crashes(|| {
@@ -370,12 +370,12 @@ fn crash_of_a_second_claimer_restores_what_the_first_needs() {
         .collect();
     for crash_at in 1..=second.len() {
         let scene = Scene::new();
-        scene.executor(&RealHost, 100).apply(&plan).unwrap();
+        scene.executor(&RealHost, 100).apply(plan.clone()).unwrap();
         let applied = fixture::snapshot(&scene.tree.path);
         let host = CrashAt::new(RealHost, crash_at);
         let mut other = scene.executor(&host, 101);
         assert!(crashes(|| {
-            other.apply(&second).unwrap();
+            other.apply(second.clone()).unwrap();
         }));
         let mut later = scene.executor(&RealHost, 101);
         assert!(later.rollback(false).is_empty());

@@ -371,7 +371,9 @@ fn a_ban_that_fails_when_sent_is_skipped_not_held() {
     let mut exec = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
     // The fake serves the plan stage's `setup`, then stops listening: the send fails (refused,
     // or reset while queued).
-    let applied = exec.apply(&steps).expect("a failed ban is no failure");
+    let applied = exec
+        .apply(steps.to_vec())
+        .expect("a failed ban is no failure");
     assert_eq!(fake.finish(), ["setup"]);
     assert_eq!(applied.changed, 1);
     assert!(applied.refused.is_empty(), "{:?}", applied.refused);

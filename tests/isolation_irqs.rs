@@ -258,7 +258,9 @@ fn a_refused_irq_is_skipped_not_held_and_the_rest_rolls_back() {
         };
         let steps = [exclude(0), exclude(35), exclude(36)];
         let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
-        let applied = exec.apply(&steps).expect("a refused IRQ is no failure");
+        let applied = exec
+            .apply(steps.to_vec())
+            .expect("a refused IRQ is no failure");
         assert_eq!(applied.changed, 2);
         assert_eq!(applied.refused.len(), 1, "errno {errno}");
         assert_eq!(applied.refused[0].0, "/proc/irq/35/smp_affinity_list");
@@ -298,7 +300,7 @@ fn an_irq_that_is_not_refusable_fails_the_batch_and_is_undone() {
         },
     });
     let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
-    exec.apply(&steps)
+    exec.apply(steps.clone())
         .expect_err("EINVAL on the default affinity is a failure");
     assert_eq!(snapshot(&tree.path), before);
     assert!(store.load().unwrap().claims.is_empty());

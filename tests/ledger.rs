@@ -118,7 +118,7 @@ fn batch_costs(n: usize) -> [StoreStats; 3] {
         .unwrap();
     let seeded = store.stats();
     let mut exec = Executor::new(&root, &RealHost, &store, state, 100);
-    let applied = exec.apply(&steps).unwrap();
+    let applied = exec.apply(steps.clone()).unwrap();
     assert_eq!(applied.changed, n);
     let after_apply = store.stats();
     assert!(exec.rollback(false).is_empty());

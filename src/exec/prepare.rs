@@ -17,22 +17,15 @@ impl<H: Host> Executor<'_, H> {
         &self,
         steps: &'s [Step],
         applied: &mut Applied,
+        seq: &Cell<u64>,
     ) -> Result<(Vec<Intent<'s>>, Vec<Change>), ExecError> {
         let mut intents = Vec::with_capacity(steps.len());
         // Entries as this batch leaves them so far: a path or thread that comes twice sees its
         // first change, and the value it will hold by then, without a lookup in a list.
         let mut claims = Batch::with_capacity(steps.len());
         let mut pins: HashMap<i32, PinRecord> = HashMap::new();
-        // The order of this VM's claims, which its rollback reverses (see `Holder::seq`).
-        let seq = Cell::new(
-            self.state
-                .claims
-                .values()
-                .filter_map(|c| c.holder(self.vmid))
-                .map(|h| h.seq)
-                .max()
-                .unwrap_or(0),
-        );
+        // `seq`: the order of this VM's claims, which its rollback reverses (see
+        // `Holder::seq`), counted on from the batches before.
         let held: HashMap<i32, &PinRecord> = self
             .state
             .vms
@@ -47,7 +40,7 @@ impl<H: Host> Executor<'_, H> {
                         value.clone(),
                         None,
                         false,
-                        (&claims, &seq),
+                        (&claims, seq),
                         applied,
                     )?
                     else {
@@ -94,7 +87,7 @@ impl<H: Host> Executor<'_, H> {
                         cpus.to_string(),
                         Some(compose),
                         *refusable,
-                        (&claims, &seq),
+                        (&claims, seq),
                         applied,
                     )?
                     else {
@@ -113,7 +106,7 @@ impl<H: Host> Executor<'_, H> {
                         Action::Mkdir { path, kind } => (path, ComposeOp::Dir, kind.to_string()),
                         _ => unreachable!("matched above"),
                     };
-                    let planned = (&claims, &seq);
+                    let planned = (&claims, seq);
                     let compose = Some(Compose::of(op));
                     if let Some(intent) =
                         self.claim_intent(path, value, compose, false, planned, applied)?
@@ -122,7 +115,7 @@ impl<H: Host> Executor<'_, H> {
                     }
                 }
                 Action::Ban { socket, cpus } => {
-                    let planned = (&claims, &seq);
+                    let planned = (&claims, seq);
                     if let Some(intent) = self.ban_intent(socket, cpus, planned, applied) {
                         record(socket, intent, &mut claims, &mut intents);
                     }
@@ -159,7 +152,7 @@ impl<H: Host> Executor<'_, H> {
                     value: value.clone(),
                 }),
                 Action::Cycle { path } => {
-                    let planned = (&claims, &seq);
+                    let planned = (&claims, seq);
                     let found =
                         self.claim_intent(path, "1".into(), None, false, planned, applied)?;
                     if let Some((claim, _)) = found {
@@ -183,7 +176,7 @@ impl<H: Host> Executor<'_, H> {
                     keep,
                 } => {
                     let path = crate::memory::pool_file(*node, *size_kb, "nr_hugepages");
-                    let planned = (&claims, &seq);
+                    let planned = (&claims, seq);
                     let compose = Some(Compose::of(ComposeOp::Add));
                     let value = pages.to_string();
                     if let Some((mut claim, intent)) =
@@ -217,7 +210,7 @@ impl<H: Host> Executor<'_, H> {
                     });
                     let names: Vec<String> =
                         functions.iter().map(|(id, _)| id.to_string()).collect();
-                    self.hold(&mut claim, names.join(" "), &seq);
+                    self.hold(&mut claim, names.join(" "), seq);
                     claims.changes.push(Change::Claim {
                         path: super::PCI_RESCAN.to_string(),
                         claim: Some(Box::new(claim)),

@@ -113,6 +113,33 @@ impl<H: Host> Executor<'_, H> {
         }
     }
 
+    /// Takes back the new claims on composed CPU set files that batches of this apply made
+    /// (this VM their only holder, its number in the claim order above `before`), whose
+    /// intents were not kept (see [`Intent::released_by_ledger`]): last taken first, each
+    /// released as a rollback releases it (its original written back). One append forgets
+    /// them; one whose release fails stays for a later rollback.
+    pub(super) fn release_new(&mut self, before: u64) {
+        let mut paths: Vec<(u64, &String)> = self
+            .state
+            .claims
+            .iter()
+            .filter(|(_, c)| c.op() == Some(ComposeOp::Exclude) && c.holders.len() == 1)
+            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h.seq, p)))
+            .filter(|(seq, _)| *seq > before)
+            .collect();
+        paths.sort_unstable();
+        let mut changes = Vec::new();
+        for (_, path) in paths.iter().rev() {
+            match self.release_claim(path) {
+                Ok(change) => changes.extend(change),
+                Err(e) => log::error!("undo after failure: {e}"),
+            }
+        }
+        if let Err(e) = self.journal(changes) {
+            log::error!("undo after failure: {e}");
+        }
+    }
+
     /// Takes back everything the ledger holds for this VM: its claims (each file gets the value
     /// the remaining claimers need, or its original) and its thread pins. The writes come
     /// first, then one journal append forgets what was undone, so an interrupted rollback is
