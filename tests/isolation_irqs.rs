@@ -288,8 +288,16 @@ fn an_irq_that_is_not_refusable_fails_the_batch_and_is_undone() {
         path: &refused,
         errno: nix::libc::EINVAL,
     };
-    let mut steps = vec![exclude(0)];
-    steps.push(Step {
+    let steps = vec![exclude(0), default_affinity()];
+    let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
+    exec.apply(steps)
+        .expect_err("EINVAL on the default affinity is a failure");
+    assert_eq!(snapshot(&tree.path), before);
+    assert!(store.load().unwrap().claims.is_empty());
+}
+
+fn default_affinity() -> Step {
+    Step {
         tunable: "irqs",
         action: Action::Exclude {
             path: "/proc/irq/default_smp_affinity".into(),
@@ -298,12 +306,77 @@ fn an_irq_that_is_not_refusable_fails_the_batch_and_is_undone() {
             fallback: set("0-5,12-17"),
             refusable: false,
         },
-    });
+    }
+}
+
+/// More IRQs than a batch holds (`exec::CHUNK`) are made in several batches, of which only
+/// the intents the ledger cannot take back are kept: a failure in the last batch (the default
+/// affinity refused) still undoes them all. The IRQs that only VM 100 claimed come back from
+/// the ledger, those that VM 101 held before get back VM 101's claim exactly, and the ledger
+/// holds what it held before.
+#[test]
+fn a_failure_after_several_batches_of_irqs_undoes_them_all() {
+    let tree = host_copy("ryzen-5900x");
+    let first = 1000;
+    let last = first + 2 * pvetune::exec::CHUNK as u32 + 100;
+    for irq in first..last {
+        let path = format!("/proc/irq/{irq}/smp_affinity_list");
+        write(&tree.path, &path, "0-23\n");
+    }
+    let root = Root::new(&tree.path);
+    let store = Store::new(&root);
+    // VM 101 holds IRQs of the first and of the last batch.
+    let theirs = |irq| Step {
+        tunable: "irqs",
+        action: Action::Exclude {
+            path: format!("/proc/irq/{irq}/smp_affinity_list"),
+            cpus: set("3-5,15-17"),
+            format: CpuFormat::List,
+            fallback: set("0-2,12-14"),
+            refusable: true,
+        },
+    };
+    let held: Vec<Step> = (first..first + 10)
+        .chain(last - 10..last)
+        .map(theirs)
+        .collect();
+    let mut other = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 101);
+    assert_eq!(other.apply(held).unwrap().changed, 20);
+    let before = snapshot(&tree.path);
+    let ledger = store.load().unwrap();
+
+    let refused = root.path("/proc/irq/default_smp_affinity");
+    let host = RefusesIrq {
+        path: &refused,
+        errno: nix::libc::EINVAL,
+    };
+    let mut steps: Vec<Step> = (first..last).map(exclude).collect();
+    steps.push(default_affinity());
     let mut exec = Executor::new(&root, &host, &store, store.load().unwrap(), 100);
     exec.apply(steps.clone())
         .expect_err("EINVAL on the default affinity is a failure");
+    assert_eq!(snapshot(&tree.path), before, "every IRQ as it was");
+    let after = store.load().unwrap();
+    assert_eq!(after.claims, ledger.claims, "VM 101's claims as they were");
+    assert_eq!(after.vms, ledger.vms);
+
+    // Without the failure: every IRQ off both VMs' CPUs, and both rollbacks give back all.
+    steps.pop();
+    let mut exec = Executor::new(&root, &RealHost, &store, store.load().unwrap(), 100);
+    assert_eq!(exec.apply(steps).unwrap().changed as u32, last - first);
+    assert_eq!(
+        read(&tree.path, &format!("/proc/irq/{first}/smp_affinity_list")),
+        "0-2,12-14\n"
+    );
+    assert_eq!(
+        read(
+            &tree.path,
+            &format!("/proc/irq/{}/smp_affinity_list", first + 1500)
+        ),
+        "0-5,12-17\n"
+    );
+    assert!(exec.rollback(false).is_empty());
     assert_eq!(snapshot(&tree.path), before);
-    assert!(store.load().unwrap().claims.is_empty());
 }
 
 #[test]
