@@ -297,13 +297,17 @@ impl<'a, H: Host> Executor<'a, H> {
         let mut done: Vec<Vec<Intent<'static>>> = Vec::new();
         for batch in batches(steps) {
             match self.apply_stage(&batch, &mut applied, &seq) {
-                Ok(intents) => done.push(
-                    intents
+                Ok(intents) => {
+                    let mut kept: Vec<_> = intents
                         .into_iter()
                         .filter(|i| !i.released_by_ledger())
                         .map(Intent::into_owned)
-                        .collect(),
-                ),
+                        .collect();
+                    // Collected in place, into the batch's whole buffer: most batches keep
+                    // nothing.
+                    kept.shrink_to_fit();
+                    done.push(kept);
+                }
                 Err(e) => {
                     for intents in done.iter().rev() {
                         self.undo(intents, intents.len());
