@@ -3,7 +3,8 @@
 //! Crash model (the ledger's side is in `state.rs`): pvetune may die at any point, and a later
 //! run (`rollback`, or the reconcile step of any hook) must still put every file back byte for
 //! byte and every thread back on its CPUs. Cost model: a batch of thousands of changes (one
-//! per IRQ) must cost time linear in its size. So a batch (one [`Executor::apply`]) goes:
+//! per IRQ) must cost time linear in its size, and memory bounded by the ledger. So a batch
+//! (a stage of [`Executor::apply`] between barriers, at most [`CHUNK`] steps) goes:
 //!
 //! 1. plan: read every target once (the file's bytes, the thread's affinity) and work out the
 //!    ledger entries the batch leads to; nothing changes yet, and a read that fails here

@@ -42,6 +42,10 @@ pub struct Loaded {
     pub placed: Vec<String>,
     pub memory: crate::memory::MemoryFacts,
     pub devices: crate::devices::Devices,
+    /// Whether `facts` has the IRQs (`/proc/irq` listed, irqbalance looked for): a profile
+    /// with `isolation.irqs`, except in a post-start that does not cycle CPUs, which writes
+    /// no IRQ (a listing of thousands, and a read of every process's `comm`, saved).
+    irq_facts: bool,
 }
 
 impl Loaded {
@@ -68,10 +72,22 @@ impl Loaded {
 /// Reads the profile (None: the VM has none), the topology, host facts, the VM config and,
 /// if asked, the running VM's threads.
 pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, Error> {
+    load_for(env, vmid, with_threads, None)
+}
+
+/// [`load`] for one hook phase (None: every phase, as `plan` and `doctor` show them).
+fn load_for(
+    env: &Env,
+    vmid: u32,
+    with_threads: bool,
+    phase: Option<Phase>,
+) -> Result<Option<Loaded>, Error> {
     let Some(path) = profile::locate(&env.root, vmid, env.profile.as_deref()) else {
         return Ok(None);
     };
     let profile = profile::load(&path)?;
+    let cycles = profile.isolation.cpu_cycle.as_ref().is_some_and(|c| c.value);
+    let irq_facts = profile.isolation.irqs && (phase != Some(Phase::PostStart) || cycles);
     let listed = match profile.cpus.as_ref() {
         Some(
             c @ Located {
@@ -97,7 +113,7 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
     // A placement request's facts depend on the CPUs it gets: read by `Loaded::resolve`.
     let facts = match (&profile.cpus, &listed) {
         (Some(_), None) => HostFacts::default(),
-        _ => read_facts(env, &profile, listed.as_ref()),
+        _ => read_facts(env, &profile, listed.as_ref(), irq_facts),
     };
     let config = VmConfig::read(env.root.base(), vmid)?;
     let running = if with_threads {
@@ -127,6 +143,7 @@ pub fn load(env: &Env, vmid: u32, with_threads: bool) -> Result<Option<Loaded>, 
         placed: Vec::new(),
         memory,
         devices,
+        irq_facts,
     }))
 }
 
@@ -154,7 +171,7 @@ pub fn run_hook_with<H: Host>(
     // post-stop needs neither the profile nor the VM config (both may be gone by then).
     let loaded = match phase {
         Phase::PostStop => None,
-        _ => load(env, vmid, phase == Phase::PostStart)?,
+        _ => load_for(env, vmid, phase == Phase::PostStart, Some(phase))?,
     };
     // A damaged ledger stops only the VMs pvetune tunes: for one without a profile it is a
     // warning (post-stop has not loaded the profile: it only needs to know there is one).

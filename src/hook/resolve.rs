@@ -15,12 +15,13 @@ pub(super) fn read_facts(
     env: &Env,
     profile: &Profile,
     cpus: Option<&Located<CpuSet>>,
+    irqs: bool,
 ) -> HostFacts {
     HostFacts::read(
         &env.root,
         &cpus.map(|c| c.value.clone()).unwrap_or_default(),
         profile.sysctl.iter().map(|(name, _)| name.as_str()),
-        profile.isolation.irqs,
+        irqs,
         profile.isolation.partition.is_some(),
         profile
             .isolation
@@ -81,7 +82,7 @@ impl Loaded {
             line,
             column,
         };
-        self.facts = read_facts(env, &self.profile, Some(&cpus));
+        self.facts = read_facts(env, &self.profile, Some(&cpus), self.irq_facts);
         self.cpus = Some(cpus);
         Ok(())
     }
