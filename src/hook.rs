@@ -86,7 +86,11 @@ fn load_for(
         return Ok(None);
     };
     let profile = profile::load(&path)?;
-    let cycles = profile.isolation.cpu_cycle.as_ref().is_some_and(|c| c.value);
+    let cycles = profile
+        .isolation
+        .cpu_cycle
+        .as_ref()
+        .is_some_and(|c| c.value);
     let irq_facts = profile.isolation.irqs && (phase != Some(Phase::PostStart) || cycles);
     let listed = match profile.cpus.as_ref() {
         Some(
