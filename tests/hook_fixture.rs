@@ -13,6 +13,14 @@ fn lines(out: &str) -> Vec<&str> {
     out.lines().map(str::trim).collect()
 }
 
+/// The post-start plan of VM `vmid` on the example host `host`.
+fn post_start_plan(host: &str, vmid: &str) -> String {
+    let host = fixture::example_host(host);
+    let out = pvetune(&host, &["plan", vmid, "--phase", "post-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+}
+
 /// Asserts that the plan (VM not running) pins each vCPU on its host CPU.
 fn assert_vcpu_pins(text: &str, pins: &[(u32, u32)]) {
     let l = lines(text);
@@ -26,10 +34,7 @@ fn assert_vcpu_pins(text: &str, pins: &[(u32, u32)]) {
 
 #[test]
 fn plan_on_ryzen_pairs_guest_siblings_with_host_siblings() {
-    let host = fixture::example_host("ryzen-5900x");
-    let out = pvetune(&host, &["plan", "100", "--phase", "post-start"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    let text = post_start_plan("ryzen-5900x", "100");
     let l = lines(&text);
     // Guest core k (vCPUs 2k, 2k+1) -> host core 6+k (CPUs 6+k and 18+k): the seed's
     // libvirt layout, derived from sysfs instead of a hard-coded table.
@@ -58,10 +63,7 @@ fn plan_on_ryzen_pairs_guest_siblings_with_host_siblings() {
 
 #[test]
 fn plan_on_xeon_puts_one_vcpu_per_core_on_node_1() {
-    let host = fixture::example_host("xeon-2s");
-    let out = pvetune(&host, &["plan", "200", "--phase", "post-start"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    let text = post_start_plan("xeon-2s", "200");
     let l = lines(&text);
     let pins: Vec<(u32, u32)> = (0..8).map(|vcpu| (vcpu, 8 + vcpu)).collect();
     assert_vcpu_pins(&text, &pins);
@@ -79,12 +81,37 @@ fn plan_on_xeon_puts_one_vcpu_per_core_on_node_1() {
     );
 }
 
+/// The Xeon example host is a Proxmox VE 8 node on kernel 6.8: its VM 200's isolated
+/// partition needs `cpuset.cpus` beside each `cpuset.cpus.exclusive` (qemu.slice, the scope:
+/// every online CPU; vcpus: the VM's), each right after it, and the plan says why.
+#[test]
+fn plan_on_xeon_a_kernel_6_8_host_writes_cpuset_cpus_beside_each_exclusive() {
+    let text = post_start_plan("xeon-2s", "200");
+    let l = lines(&text);
+    let cg = "/sys/fs/cgroup/qemu.slice";
+    for (dir, cpus) in [
+        (cg.to_string(), "0-31"),
+        (format!("{cg}/200.scope"), "0-31"),
+        (format!("{cg}/200.scope/vcpus"), "8-15"),
+    ] {
+        let exclusive = format!("{dir}/cpuset.cpus.exclusive: (empty) -> 8-15");
+        let at = l.iter().position(|line| *line == exclusive);
+        let at = at.unwrap_or_else(|| panic!("no {exclusive}: {text}"));
+        assert_eq!(
+            l[at + 1],
+            format!("{dir}/cpuset.cpus: (empty) -> {cpus}"),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("kernel 6.8.12-4-pve also needs cpuset.cpus on qemu.slice"),
+        "{text}"
+    );
+}
+
 #[test]
 fn plan_on_hybrid_keeps_p_core_pairs() {
-    let host = fixture::example_host("intel-hybrid");
-    let out = pvetune(&host, &["plan", "300", "--phase", "post-start"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    let text = post_start_plan("intel-hybrid", "300");
     let l = lines(&text);
     assert_vcpu_pins(&text, &[(0, 8), (1, 9), (2, 10), (7, 15)]);
     // Housekeeping: the other P-cores and the E-cores.

@@ -12,7 +12,7 @@ mod common;
 mod fixture;
 
 use common::QemuGuard;
-use common::hostgen::{CpuFreqSpec, HostSpec, NodeSpec, Numbering, write_host};
+use common::hostgen::{self, CpuFreqSpec, HostSpec, NodeSpec, Numbering, write_host};
 use fixture::{pvetune, read, snapshot, stderr, stdout, temp_dir, write};
 use pvetune::cpuset::CpuSet;
 use pvetune::qmp::Qmp;
@@ -74,6 +74,7 @@ fn fixture_root(name: &str) -> Option<fixture::Root> {
             isolated: CpuSet::new(),
             offline: CpuSet::new(),
             hybrid: None,
+            kernel: hostgen::PVE9_KERNEL,
         },
     );
     Some(root)

@@ -63,7 +63,12 @@ pub struct HostSpec {
     pub isolated: CpuSet,
     pub offline: CpuSet,
     pub hybrid: Option<HybridSpec>,
+    /// `/proc/sys/kernel/osrelease` (what pvetune reads the kernel's cpuset rules from).
+    pub kernel: &'static str,
 }
+
+/// The kernel of the example hosts: Proxmox VE 9's.
+pub const PVE9_KERNEL: &str = "6.17.2-1-pve";
 
 /// One physical core of the generated machine.
 struct Core {
@@ -251,7 +256,7 @@ pub fn write_host(root: &Path, spec: &HostSpec) {
     let balancing = if spec.nodes.len() > 1 { "1" } else { "0" };
     put(root, "proc/sys/kernel/numa_balancing", balancing);
     put(root, "proc/sys/kernel/sched_rt_runtime_us", "950000");
-    put(root, "proc/sys/kernel/osrelease", "6.17.2-1-pve");
+    put(root, "proc/sys/kernel/osrelease", spec.kernel);
     write_cgroups(root, &online, spec.nodes.len().max(1));
     write_ksm(root);
     write_pci(root, spec.nodes.len());
@@ -688,13 +693,17 @@ pub fn example_hosts() -> Vec<(&'static str, HostSpec)> {
         isolated: CpuSet::new(),
         offline: CpuSet::new(),
         hybrid: None,
+        kernel: PVE9_KERNEL,
     };
+    // A Proxmox VE 8 node on its default kernel, 6.8: the partition's 6.8 path shows in its
+    // plan (cpuset.cpus beside each cpuset.cpus.exclusive).
     let xeon = HostSpec {
         packages: 2,
         cores_per_package: 8,
         cores_per_l3: 8,
         nodes: vec![node(0..8, 64), node(8..16, 64)],
         cpufreq: Some(INTEL_PSTATE),
+        kernel: "6.8.12-4-pve",
         ..ryzen.clone()
     };
     let hybrid = HostSpec {
@@ -748,5 +757,6 @@ pub fn bench_host() -> HostSpec {
         isolated: CpuSet::new(),
         offline: CpuSet::new(),
         hybrid: None,
+        kernel: PVE9_KERNEL,
     }
 }
