@@ -7,7 +7,7 @@
 
 mod fixture;
 
-use pvetune::cpuset::CpuSet;
+use pvetune::cpuset::{CpuFormat, CpuSet};
 use pvetune::exec::Executor;
 use pvetune::host::{FailAt, Host, RealHost};
 use pvetune::plan::{Action, Step, ThreadRef};
@@ -225,8 +225,17 @@ struct Scene {
 
 impl Scene {
     fn new() -> Self {
+        Scene::with_irqs(0)
+    }
+
+    /// With `irqs` IRQs too (`/proc/irq/<n>/smp_affinity_list`, every CPU of the Ryzen host).
+    fn with_irqs(irqs: u32) -> Self {
         let tree = fixture::temp_dir("crash");
         let path = tree.path.clone();
+        for irq in 0..irqs {
+            let file = format!("/proc/irq/{irq}/smp_affinity_list");
+            fixture::write(&path, &file, "0-23\n");
+        }
         for cpu in [6, 7, 8] {
             fixture::write(
                 &path,
@@ -252,6 +261,27 @@ impl Scene {
             self.store.load().unwrap(),
             vmid,
         )
+    }
+
+    /// Change `fail_at` of `plan` fails and the undo crashes at mutation `crash_at`: a later
+    /// run restores everything.
+    fn crash_in_undo_is_undone(
+        &self,
+        thread: &Thread,
+        plan: &[Step],
+        fail_at: usize,
+        crash_at: usize,
+    ) {
+        let host = CrashAt::new(FailAt::new(RealHost, fail_at), crash_at);
+        let mut exec = self.executor(&host, 100);
+        let crashed = crashes(|| {
+            let _ = exec.apply(plan.to_vec());
+        });
+        assert!(crashed, "fail {fail_at}, crash {crash_at}");
+        self.later_rollback_restores(
+            thread,
+            &format!("failure {fail_at} then a crash in its undo at {crash_at}"),
+        );
     }
 
     /// After whatever happened, a later run built from the ledger alone (a fresh store and
@@ -302,6 +332,76 @@ fn crash_at_every_point_of_a_batch_is_undone_by_a_later_run() {
     }
 }
 
+/// `steps` with `irqs` IRQ steps before the sysctl: more than a batch holds (`exec::CHUNK`),
+/// so the phase is made in two batches, of which only the intents the ledger cannot take back
+/// are kept. Its mutations: the pin, 3 governors, the IRQs, the sysctl.
+fn steps_with_irqs(pid: i32, irqs: u32) -> Vec<Step> {
+    let mut plan = steps(pid);
+    let sysctl = plan.pop().unwrap();
+    plan.extend((0..irqs).map(|irq| Step {
+        tunable: "irqs",
+        action: Action::Exclude {
+            path: format!("/proc/irq/{irq}/smp_affinity_list"),
+            cpus: "6-11,18-23".parse().unwrap(),
+            format: CpuFormat::List,
+            fallback: "0-5,12-17".parse().unwrap(),
+            refusable: true,
+        },
+    }));
+    plan.push(sysctl);
+    plan
+}
+
+/// A crash in either batch of a phase of several, or while a failure at its end is undone
+/// (the last batch's intents, the first batch's kept ones, then its new IRQ claims released
+/// from the ledger), leaves a ledger from which a later run restores everything; the failure
+/// alone is undone by the phase itself.
+#[test]
+fn crashes_in_a_phase_of_several_batches_are_undone_by_a_later_run() {
+    let thread = Thread::start();
+    let irqs = pvetune::exec::CHUNK as u32 + 40;
+    let plan = steps_with_irqs(thread.pid, irqs);
+    let last = plan.len();
+    let chunk = pvetune::exec::CHUNK;
+    for crash_at in [
+        1,
+        5,
+        500,
+        chunk,
+        chunk + 1,
+        chunk + 2,
+        chunk + 20,
+        last,
+        last + 1,
+    ] {
+        let scene = Scene::with_irqs(irqs);
+        let host = CrashAt::new(RealHost, crash_at);
+        let mut exec = scene.executor(&host, 100);
+        let crashed = crashes(|| {
+            exec.apply(plan.clone()).unwrap();
+        });
+        assert_eq!(crashed, crash_at <= last, "crash {crash_at}");
+        scene.later_rollback_restores(&thread, &format!("a crash before change {crash_at}"));
+    }
+    // The sysctl, the last change, fails: 1,068 changes to take back (the pin, 3 governors,
+    // 1,064 IRQs). The batches: the pin, the governors and 1,020 IRQs; 44 IRQs and the sysctl.
+    let scene = Scene::with_irqs(irqs);
+    let host = FailAt::new(RealHost, last);
+    let mut exec = scene.executor(&host, 100);
+    exec.apply(plan.clone())
+        .expect_err("the injected failure must surface");
+    assert!(fixture::snapshot(&scene.tree.path) == scene.before);
+    assert_eq!(RealHost.get_affinity(thread.pid).unwrap(), thread.original);
+    assert!(scene.store.load().unwrap().is_empty());
+    // The undo's writes: the second batch's 44 IRQs, the governors and the pin (the first
+    // batch's kept intents), its 1,020 IRQs released from the ledger; a crash in each, the
+    // last one at its very last write.
+    let undo = [1, 22, 44, 45, 48, 49, 600, 1068];
+    for crash_at in undo.map(|n| last + n) {
+        Scene::with_irqs(irqs).crash_in_undo_is_undone(&thread, &plan, last, crash_at);
+    }
+}
+
 #[test]
 fn crash_while_undoing_a_failed_batch_is_undone_by_a_later_run() {
     let thread = Thread::start();
@@ -310,17 +410,7 @@ fn crash_while_undoing_a_failed_batch_is_undone_by_a_later_run() {
     // failed change left its file as it was), and the crash hits each of them in turn.
     for fail_at in 2..=plan.len() {
         for crash_at in fail_at + 1..fail_at + fail_at {
-            let scene = Scene::new();
-            let host = CrashAt::new(FailAt::new(RealHost, fail_at), crash_at);
-            let mut exec = scene.executor(&host, 100);
-            let crashed = crashes(|| {
-                let _ = exec.apply(plan.clone());
-            });
-            assert!(crashed, "fail {fail_at}, crash {crash_at}");
-            scene.later_rollback_restores(
-                &thread,
-                &format!("failure {fail_at} then a crash in its undo at {crash_at}"),
-            );
+            Scene::new().crash_in_undo_is_undone(&thread, &plan, fail_at, crash_at);
         }
     }
 }
