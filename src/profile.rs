@@ -17,9 +17,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 mod cpus;
+mod isolation;
 mod memory;
 mod trust;
 pub use cpus::{CpuRequest, PlaceRequest, SmtPolicy, Within};
+pub use isolation::{IrqbalancePolicy, Isolation};
 pub use memory::{Compact, Hugepages, Ksm, PciReset, Preflight, ResetMethod};
 use trust::check_owner;
 
@@ -43,41 +45,6 @@ pub struct Profile {
     pub ksm: Option<Ksm>,
     /// `pci-reset:`: the VM's passthrough devices reset before QEMU starts.
     pub pci_reset: Option<PciReset>,
-}
-
-/// `isolation:`: what besides pinning keeps the host off the VM's CPUs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Isolation {
-    /// Every movable IRQ, and the default affinity of IRQs yet to come, off `cpus`.
-    pub irqs: bool,
-    /// `partition: isolated`: the vCPU threads in an isolated cpuset partition of `cpus`
-    /// (where in the profile, for errors).
-    pub partition: Option<Located<()>>,
-    /// `kthreads: true`: verify after post-start that no movable kernel thread is left on
-    /// `cpus` (the kernel moves them off an isolated partition; pvetune never pins them).
-    pub kthreads: Option<Located<bool>>,
-    /// `cpu-cycle: true`: each of `cpus` offline and online again before the partition and
-    /// the pins (post-start).
-    pub cpu_cycle: Option<Located<bool>>,
-    /// `irqbalance:`: what to do about a running irqbalance, which moves IRQs back.
-    pub irqbalance: IrqbalancePolicy,
-}
-
-impl Isolation {
-    /// `kthreads: true`.
-    pub fn verify_kthreads(&self) -> bool {
-        self.kthreads.as_ref().is_some_and(|k| k.value)
-    }
-}
-
-/// `isolation.irqbalance`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum IrqbalancePolicy {
-    /// A warning in `plan`, `check` and the hook log (irqbalance left alone).
-    #[default]
-    Warn,
-    /// Ban the VM's CPUs in irqbalance over its socket while the VM runs.
-    Ban,
 }
 
 /// A value with the place in the profile it came from, for error messages.
@@ -156,20 +123,10 @@ struct RawProfile {
     iothreads: Option<Spanned<String>>,
     governor: Option<Spanned<String>>,
     sysctl: Option<BTreeMap<String, Spanned<String>>>,
-    isolation: Option<Spanned<RawIsolation>>,
+    isolation: Option<Spanned<isolation::RawIsolation>>,
     hugepages: Option<Spanned<memory::RawHugepages>>,
     ksm: Option<Spanned<memory::RawKsm>>,
     pci_reset: Option<Spanned<memory::RawPciReset>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawIsolation {
-    irqs: Option<bool>,
-    partition: Option<Spanned<String>>,
-    kthreads: Option<Spanned<bool>>,
-    cpu_cycle: Option<Spanned<bool>>,
-    irqbalance: Option<Spanned<String>>,
 }
 
 /// `vcpus:` is a mode word or a list of CPU numbers.
@@ -399,58 +356,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         }
         sysctl.push((name, located(value.value.clone(), pos)));
     }
-    let raw_isolation = raw.isolation.map(|i| i.value).unwrap_or(RawIsolation {
-        irqs: None,
-        partition: None,
-        kthreads: None,
-        cpu_cycle: None,
-        irqbalance: None,
-    });
-    // A word that is none of a key's words.
-    let unknown = |key, p: &Spanned<String>, what: &str| {
-        let value = crate::excerpt::excerpt(&p.value);
-        invalid(key, at(p), format!("'{value}' is not {what}"))
-    };
-    let partition = match one_of(&raw_isolation.partition, &["isolated", "none"]) {
-        Ok(Some((p, "isolated"))) => Some(located((), at(p))),
-        Ok(_) => None,
-        Err(p) => {
-            let what = "a partition type: expected isolated (or none)";
-            return Err(unknown("isolation.partition", p, what));
-        }
-    };
-    let irqs = raw_isolation.irqs.unwrap_or(false);
-    let irqbalance = match one_of(&raw_isolation.irqbalance, &["warn", "ban"]) {
-        Ok(None | Some((_, "warn"))) => IrqbalancePolicy::Warn,
-        Ok(Some(_)) if irqs => IrqbalancePolicy::Ban,
-        Ok(Some((p, _))) => {
-            return Err(invalid(
-                "isolation.irqbalance",
-                at(p),
-                "ban needs 'irqs: true' in isolation: irqbalance is only asked to stay off \
-                 the CPUs that pvetune moves the IRQs off"
-                    .into(),
-            ));
-        }
-        Err(p) => {
-            let what = "an irqbalance policy: expected ban or warn";
-            return Err(unknown("isolation.irqbalance", p, what));
-        }
-    };
-    let isolation = Isolation {
-        irqs,
-        partition,
-        kthreads: raw_isolation
-            .kthreads
-            .as_ref()
-            .map(|k| located(k.value, at(k))),
-        cpu_cycle: raw_isolation
-            .cpu_cycle
-            .as_ref()
-            .map(|c| located(c.value, at(c))),
-        irqbalance,
-    };
     let bad = |(key, place, message): memory::Bad| invalid(key, place, message);
+    let isolation = isolation::parse(raw.isolation.map(|i| i.value)).map_err(bad)?;
     let hugepages = raw
         .hugepages
         .map(memory::hugepages)
