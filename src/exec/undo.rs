@@ -6,7 +6,7 @@ use super::{ExecError, Executor, Intent, gone, managed_words, pin_error, same_va
 use crate::cpuset::CpuSet;
 use crate::host::Host;
 use crate::plan::ThreadRef;
-use crate::state::{Change, ComposeOp, PinRecord};
+use crate::state::{Change, Claim, ComposeOp, Holder, PinRecord};
 use std::io;
 
 impl<H: Host> Executor<'_, H> {
@@ -119,17 +119,11 @@ impl<H: Host> Executor<'_, H> {
     /// released as a rollback releases it (its original written back). One append forgets
     /// them; one whose release fails stays for a later rollback.
     pub(super) fn release_new(&mut self, before: u64) {
-        let mut paths: Vec<(u64, &String)> = self
-            .state
-            .claims
-            .iter()
-            .filter(|(_, c)| c.op() == Some(ComposeOp::Exclude) && c.holders.len() == 1)
-            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h.seq, p)))
-            .filter(|(seq, _)| *seq > before)
-            .collect();
-        paths.sort_unstable();
+        let paths = self.held_last_first(|c, h| {
+            c.op() == Some(ComposeOp::Exclude) && c.holders.len() == 1 && h.seq > before
+        });
         let mut changes = Vec::new();
-        for (_, path) in paths.iter().rev() {
+        for path in paths {
             match self.release_claim(path) {
                 Ok(change) => changes.extend(change),
                 Err(e) => log::error!("undo after failure: {e}"),
@@ -138,6 +132,23 @@ impl<H: Host> Executor<'_, H> {
         if let Err(e) = self.journal(changes) {
             log::error!("undo after failure: {e}");
         }
+    }
+
+    /// The paths of the claims this VM holds that `keep` selects, last taken first (by
+    /// [`Holder::seq`]; ties, from ledgers without an order: reverse path order).
+    fn held_last_first(&self, keep: impl Fn(&Claim, &Holder) -> bool) -> Vec<&String> {
+        let mut paths: Vec<(u64, &String)> = self
+            .state
+            .claims
+            .iter()
+            .filter_map(|(p, c)| {
+                c.holder(self.vmid)
+                    .filter(|h| keep(c, h))
+                    .map(|h| (h.seq, p))
+            })
+            .collect();
+        paths.sort_unstable();
+        paths.into_iter().rev().map(|(_, p)| p).collect()
     }
 
     /// Takes back everything the ledger holds for this VM: its claims (each file gets the value
@@ -160,17 +171,9 @@ impl<H: Host> Executor<'_, H> {
             Ok(lock) => lock,
             Err(e) => return vec![e],
         };
-        let mut paths: Vec<(u64, &String)> = self
-            .state
-            .claims
-            .iter()
-            .filter_map(|(p, c)| c.holder(self.vmid).map(|h| (h, p)))
-            .filter(|(h, _)| self.release_kept || !h.kept())
-            .map(|(h, p)| (h.seq, p))
-            .collect();
-        paths.sort_unstable();
+        let paths = self.held_last_first(|_, h| self.release_kept || !h.kept());
         let mut deferred = Vec::new();
-        for (_, path) in paths.iter().rev() {
+        for path in paths {
             match self.release_claim(path) {
                 Ok(change) => changes.extend(change),
                 Err(e) if deferrable(&e) => deferred.push(path),
